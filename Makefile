@@ -1,0 +1,23 @@
+# Two commands on a fresh machine: `make search` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+NPROC ?= 1
+
+.PHONY: setup search test bench clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+# The main job: TAMT-KD at 70% sparsity on all-MiniLM-L6-v2 and the shipped text sample.
+search: setup
+	$(VENV)/bin/deepspeed --num_accelerators $(NPROC) --num_nodes 1 launchers/search.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: setup
+	$(PY) benchmarks/step_overhead.py
+
+clean:
+	rm -rf outputs .pytest_cache
