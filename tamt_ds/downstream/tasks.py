@@ -194,7 +194,7 @@ def _hub_load(repo: str, config: str | None = None) -> datasets.DatasetDict:
     """The hub download; a failure becomes a TaskError that says how to go local."""
     try:
         return datasets.load_dataset(repo, config) if config else datasets.load_dataset(repo)
-    except (OSError, ConnectionError) as e:  # ConnectionError, offline mode, not found
+    except OSError as e:  # ConnectionError, offline mode, dataset not found, HTTP errors
         what = f"{repo}" + (f" ({config})" if config else "")
         first = str(e).splitlines()[0] if str(e) else ""
         raise TaskError(f"cannot load {what} from the hub ({type(e).__name__}: {first}); "
