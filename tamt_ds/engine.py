@@ -1,0 +1,121 @@
+"""DeepSpeed set-up shared by search and fine-tuning: config, process group, engine."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+class EngineError(ValueError):
+    pass
+
+
+def default_config_path() -> str:
+    """A config that works on the machine at hand."""
+    if torch.cuda.is_available():
+        name = "zero3_bf16.json" if torch.cuda.is_bf16_supported() else "zero3_fp16.json"
+    else:
+        name = "zero3_cpu.json"  # fp32: bf16 is emulated (slower) on most CPUs, fp16 unsupported
+    return str(CONFIG_DIR / name)
+
+
+def load_ds_config(path: str | None, *, micro_batch: int, grad_accum: int, grad_clip: float) -> dict:
+    """Read a DeepSpeed JSON config and fill its "auto" values from the arguments."""
+    path = path or default_config_path()
+    if not os.path.isfile(path):
+        raise EngineError(f"DeepSpeed config {path!r} not found: pass --deepspeed with one of "
+                          f"{sorted(p.name for p in CONFIG_DIR.glob('*.json'))} in {CONFIG_DIR}")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise EngineError(f"DeepSpeed config {path!r} is not valid JSON ({e.msg} at line {e.lineno}): fix the file "
+                          f"or pass another --deepspeed config") from e
+    if not isinstance(cfg, dict):
+        raise EngineError(f"DeepSpeed config {path!r} must be a JSON object: pass a config like ds_configs/zero3_cpu.json")
+    fill = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": grad_clip}
+    for key, value in fill.items():
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    if cfg.get("fp16", {}).get("enabled") and not _fp16_supported():
+        raise EngineError(f"{path} asks for fp16, which this device does not support: pass --deepspeed "
+                          f"{CONFIG_DIR / 'zero3_bf16.json'} (bf16) or {CONFIG_DIR / 'zero3_cpu.json'} (fp32)")
+    cfg["_source"] = os.path.abspath(path)
+    return cfg
+
+
+def _fp16_supported() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+def precision(cfg: dict) -> torch.dtype:
+    if cfg.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if cfg.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def init_distributed() -> None:
+    """One process group for every launcher: deepspeed, torchrun (env vars) or mpirun (MPI discovery)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
+        # Plain `python launchers/x.py`: a one-process group, no MPI needed.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def linear_decay(optimizer, total_steps: int, warmup_steps: int = 0):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_engine(model, cfg: dict, *, params, lr: float, weight_decay: float, total_steps: int, warmup_steps: int = 0):
+    """deepspeed.initialize with AdamW over `params` (torch's: it compiles nothing, and
+    only the local ZeRO share of the trainable parameters ever reaches it) and a
+    linear-decay schedule, unless the config names its own optimizer/scheduler."""
+    import deepspeed
+
+    ds_cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    params = [p for p in params if p.requires_grad]
+    optimizer = scheduler = None
+    if "optimizer" not in ds_cfg:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        if "scheduler" not in ds_cfg:
+            scheduler = linear_decay(optimizer, total_steps, warmup_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params if optimizer is None else None,
+                                                   optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    return engine, scheduler

@@ -1,0 +1,104 @@
+"""Runs under torchrun (2 ranks, ZeRO-3, gloo) or as one plain process (the reference).
+
+usage: core_worker.py MODEL_DIR OUT_FILE OBJECTIVE STEPS zero3|plain
+Trains masks on fixed seeded batches and saves, from rank 0: per-step losses, the
+initial and final consolidated masks, thresholds, and partition facts.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from tamt_ds import engine as eng, sharding  # noqa: E402
+from tamt_ds.masking import attach_masks  # noqa: E402
+from tamt_ds.models import load_model  # noqa: E402
+from tamt_ds.objectives import compute_loss  # noqa: E402
+
+MICRO, SEQ, SPARSITY, LR, RESET = 4, 16, 0.7, 5e-3, 3
+
+
+def batches(step: int, vocab: int, world: int):
+    """The global batch of a step: one micro-batch per rank, fixed by the step number."""
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(5, vocab, (world * MICRO, SEQ), generator=g)
+    attn = torch.ones_like(ids)
+    attn[:, -(step % 5):] = 0 if step % 5 else 1  # some padding, never counted by KD
+    labels = torch.full_like(ids, -100)
+    pick = torch.rand(ids.shape, generator=g) < 0.3
+    labels[pick] = ids[pick]
+    return [{"input_ids": ids[r * MICRO:(r + 1) * MICRO], "attention_mask": attn[r * MICRO:(r + 1) * MICRO],
+             "labels": labels[r * MICRO:(r + 1) * MICRO]} for r in range(world)]
+
+
+def main():
+    model_dir, out, objective, steps, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    world = 2  # the reference reproduces a 2-rank global batch
+    torch.manual_seed(0)
+    use_mlm = "mlm" in objective
+    if mode == "zero3":
+        eng.init_distributed()
+        cfg = eng.load_ds_config(os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "zero3_cpu.json"),
+                                 micro_batch=MICRO, grad_accum=1, grad_clip=1.0)
+        model = load_model(model_dir, with_mlm_head=use_mlm, ds_config=cfg)
+    else:
+        model = load_model(model_dir, with_mlm_head=use_mlm)
+    head = [p for n, p in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")] if use_mlm else []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    masks = attach_masks(model, sparsity=SPARSITY)
+    masks.init_scores("magnitude")
+    tied = {id(p) for p in model.get_input_embeddings().parameters()}
+    for p in head:
+        if id(p) not in tied:
+            p.requires_grad_(True)
+    params = masks.scores + [p for p in head if p.requires_grad]
+    facts = {"partitioned": [(s.name, sharding.is_partitioned(s.score), sharding.is_partitioned(s.weight),
+                              sharding.local_shard(s.score).values.numel(), s.score.ds_numel if sharding.is_partitioned(s.score) else s.score.numel())
+                             for s in masks]}
+    init_masks = masks.full_masks()
+    vocab = model.config.vocab_size
+    losses = []
+    if mode == "zero3":
+        engine, _ = eng.build_engine(model, cfg, params=params, lr=LR, weight_decay=0.01, total_steps=steps)
+        for step in range(steps):
+            batch = batches(step, vocab, world)[sharding.rank()]
+            terms = compute_loss(objective, engine, masks, batch)
+            engine.backward(terms["loss"])
+            engine.step()
+            loss = terms["loss"].detach().clone()
+            sharding.all_reduce_(loss)
+            losses.append(float(loss) / world)
+            if (step + 1) % RESET == 0:
+                masks.reset_thresholds()
+    else:
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+        sched = eng.linear_decay(opt, steps)
+        for step in range(steps):
+            opt.zero_grad()
+            total = 0.0
+            for micro in batches(step, vocab, world):  # DeepSpeed averages rank gradients
+                loss = compute_loss(objective, model, masks, micro)["loss"] / world
+                loss.backward()
+                total += float(loss)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(total)
+            if (step + 1) % RESET == 0:
+                masks.reset_thresholds()
+    # The distributed k-th value against torch.kthvalue on the full tensor.
+    masks.reset_thresholds()
+    full_scores = {}
+    for s in masks:
+        with sharding.gathered([s.score]):
+            full_scores[s.name] = s.score.data.detach().clone().float().cpu()
+    result = {"losses": losses, "init_masks": init_masks, "final_masks": masks.full_masks(), "cuts": masks.cuts(),
+              "scores": full_scores, "stats": masks.stats(update_last=False), **facts}
+    if sharding.rank() == 0:
+        torch.save(result, out)
+
+
+if __name__ == "__main__":
+    main()
