@@ -1,0 +1,12 @@
+"""The one error type of the corpus pipeline.
+
+Every problem a user can fix (a wrong path, a missing field, a corpus too short, an
+unreachable hub) surfaces as a `CorpusError` whose message is one line naming the fix.
+It subclasses ValueError so that argument-validation code that already catches
+ValueError keeps working, and so that a DataLoader worker can re-raise it in the main
+process (torch rebuilds worker exceptions as `type(exc)(message)`).
+"""
+
+
+class CorpusError(ValueError):
+    pass

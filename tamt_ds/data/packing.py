@@ -1,0 +1,228 @@
+"""Tokenise documents on the fly and pack them into fixed-length blocks of running text.
+
+A block is `prefix + body + suffix`, where prefix/suffix are the model's own special
+tokens for a single sequence ([CLS] ... [SEP] for BERT, <s> ... </s> for RoBERTa /
+XLM-R, [CLS] ... [SEP] for ALBERT / DeBERTa-v3) and the body is a window of the token
+stream `doc1 SEP doc2 SEP doc3 ...` (SEP = the model's separator, or EOS when it has
+none). That is the TAMT / BERT pre-training input: contiguous text, documents joined,
+no padding. Only a finite set (the validation set) can end in a padded block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import CorpusError
+
+# Tokenisers report a huge model_max_length when the model does not fix one.
+_NO_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    length: int  # tokens per block, special tokens included (max_seq_length)
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    doc_sep: int | None  # appended after every document in the running stream
+    pad_id: int
+
+    @property
+    def body(self) -> int:
+        return self.length - len(self.prefix) - len(self.suffix)
+
+    def wrap(self, body: np.ndarray) -> np.ndarray:
+        """A full block (int64) from `body` tokens; a short body is padded at the end."""
+        out = np.full(self.length, self.pad_id, dtype=np.int64)
+        p = len(self.prefix)
+        out[:p] = self.prefix
+        out[p : p + len(body)] = body
+        out[p + len(body) : p + len(body) + len(self.suffix)] = self.suffix
+        return out
+
+
+def block_format(tokenizer, max_seq_length: int) -> BlockFormat:
+    """Find the tokenizer's single-sequence template by encoding a probe with and without it."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise CorpusError(
+            f"the corpus pipeline needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}; "
+            "load it with AutoTokenizer.from_pretrained(..., use_fast=True) (sentencepiece models need `tokenizers` conversion)"
+        )
+    limit = getattr(tokenizer, "model_max_length", _NO_LIMIT) or _NO_LIMIT
+    if limit < _NO_LIMIT and max_seq_length > limit:
+        raise CorpusError(f"max_seq_length={max_seq_length} exceeds the model's limit of {limit} tokens; pass --max_seq_length {limit} or less")
+    probe = "hello"
+    body = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(body) + 1):
+        if full[i : i + len(body)] == body:
+            prefix, suffix = tuple(full[:i]), tuple(full[i + len(body) :])
+            break
+    else:  # pragma: no cover - every HF fast tokenizer keeps the text tokens intact
+        raise CorpusError(f"cannot find the special-token template of {type(tokenizer).__name__}")
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sep if sep is not None else 0)
+    fmt = BlockFormat(max_seq_length, prefix, suffix, sep, pad)
+    if fmt.body < 1:
+        raise CorpusError(f"max_seq_length={max_seq_length} leaves no room for text after {len(prefix) + len(suffix)} special tokens")
+    return fmt
+
+
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Batch-tokenise documents without special tokens (the packer adds them per block)."""
+    if not texts:
+        return []
+    return tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+    )["input_ids"]
+
+
+def join_documents(ids: list[list[int]], doc_sep: int | None) -> np.ndarray:
+    """The running token stream of consecutive documents: doc SEP doc SEP ..."""
+    extra = 1 if doc_sep is not None else 0
+    out = np.empty(sum(len(x) for x in ids) + extra * len(ids), dtype=np.int32)
+    pos = 0
+    for x in ids:
+        out[pos : pos + len(x)] = x
+        pos += len(x)
+        if extra:
+            out[pos] = doc_sep
+            pos += 1
+    return out
+
+
+class Packer:
+    """Turns a document source (`next_doc()`, `epoch`, `state_dict()`) into blocks, resumably.
+
+    Documents are tokenised `chunk_docs` at a time (the fast tokenizer's batch path).
+    Position = (document-source state before the current chunk, the < 1 block of tokens
+    carried into the chunk, blocks already cut from it). Restoring it re-reads and
+    re-tokenises that one chunk -- cheap -- instead of carrying a chunk of tokens in
+    every checkpoint.
+    """
+
+    def __init__(self, docs, tokenizer, fmt: BlockFormat, *, chunk_docs: int = 256, where: str = "this reader"):
+        self.docs = docs
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.chunk_docs = chunk_docs
+        self.where = where
+        self._chunk_state = None  # docs state before the current chunk
+        self._carry = np.empty(0, dtype=np.int32)  # tokens carried into the current chunk
+        self._cut = 0  # blocks cut from (carry + chunk)
+        self._buf = np.empty(0, dtype=np.int32)
+        self._pos = 0
+        self._loaded = True  # whether _buf matches the state (False right after load_state_dict)
+        # The first pass over the corpus must give at least one block.
+        self._first_pass_tokens = 0
+        self._first_pass_done = False
+        self.docs_read = 0
+        self.tokens_read = 0
+
+    def next_block(self) -> np.ndarray:
+        if not self._loaded:
+            self._reload()
+        body = self.fmt.body
+        while len(self._buf) - self._pos < body:
+            self._refill()
+        block = self.fmt.wrap(self._buf[self._pos : self._pos + body])
+        self._pos += body
+        self._cut += 1
+        return block
+
+    def _read_chunk(self) -> tuple[np.ndarray, int]:
+        texts, epochs = [], []
+        for _ in range(self.chunk_docs):
+            texts.append(self.docs.next_doc())
+            epochs.append(self.docs.epoch)
+        ids = encode(self.tokenizer, texts)
+        if not self._first_pass_done:
+            sep = 1 if self.fmt.doc_sep is not None else 0
+            self._first_pass_tokens += sum(len(x) + sep for x, e in zip(ids, epochs) if e == 0)
+            if epochs[-1] > 0:
+                self._first_pass_done = True
+                if self._first_pass_tokens < self.fmt.body:
+                    raise CorpusError(
+                        f"corpus too short: a full pass gives {self.where} only {self._first_pass_tokens} tokens, "
+                        f"fewer than one block of {self.fmt.body} text tokens (max_seq_length={self.fmt.length}); "
+                        "use more data, a smaller --max_seq_length, or fewer ranks / --dataloader_num_workers"
+                    )
+        return join_documents(ids, self.fmt.doc_sep), len(texts)
+
+    def _refill(self) -> None:
+        self._carry = self._buf[self._pos :].copy()
+        self._chunk_state = self.docs.state_dict()
+        self._cut = 0
+        chunk, n_docs = self._read_chunk()
+        self.docs_read += n_docs
+        self.tokens_read += len(chunk)
+        self._buf = np.concatenate([self._carry, chunk])
+        self._pos = 0
+
+    def _reload(self) -> None:
+        self._loaded = True
+        if self._chunk_state is None:  # saved before the first chunk was read
+            return
+        self.docs.load_state_dict(self._chunk_state)
+        first_pass = (self._first_pass_tokens, self._first_pass_done)
+        chunk, _ = self._read_chunk()
+        self._first_pass_tokens, self._first_pass_done = first_pass  # counted before the save
+        self._buf = np.concatenate([self._carry, chunk])
+        self._pos = self._cut * self.fmt.body
+
+    def state_dict(self) -> dict:
+        return {
+            "docs": self._chunk_state,
+            "carry": self._carry.tolist(),
+            "cut": self._cut,
+            "first_pass_tokens": self._first_pass_tokens,
+            "first_pass_done": self._first_pass_done,
+            "docs_read": self.docs_read,
+            "tokens_read": self.tokens_read,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._chunk_state = state["docs"]
+        self._carry = np.asarray(state["carry"], dtype=np.int32)
+        self._cut = state["cut"]
+        self._first_pass_tokens = state["first_pass_tokens"]
+        self._first_pass_done = state["first_pass_done"]
+        self.docs_read = state["docs_read"]
+        self.tokens_read = state["tokens_read"]
+        self._buf, self._pos = np.empty(0, dtype=np.int32), 0
+        self._loaded = False
+
+
+def pack_finite(
+    docs: Iterable[str], tokenizer, fmt: BlockFormat, *, max_blocks: int, pad_last: bool, chunk_docs: int = 256
+) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Blocks of a finite document sequence: yields (input_ids, attention_mask, docs used).
+
+    `docs used` counts the documents read up to and including the one that finished the
+    block (the carve of a validation set needs it). With `pad_last`, a final partial
+    block is padded (attention 0) instead of dropped.
+    """
+    body = fmt.body
+    buf = np.empty(0, dtype=np.int32)
+    made = used = 0
+    it = iter(docs)
+    while made < max_blocks:
+        texts = [t for _, t in zip(range(chunk_docs), it)]
+        if not texts:
+            break
+        for ids in encode(tokenizer, texts):
+            used += 1
+            buf = np.concatenate([buf, join_documents([ids], fmt.doc_sep)])
+            while len(buf) >= body and made < max_blocks:
+                yield fmt.wrap(buf[:body]), np.ones(fmt.length, dtype=np.int64), used
+                buf = buf[body:]
+                made += 1
+            if made == max_blocks:
+                return
+    if pad_last and len(buf) and made < max_blocks:
+        n = len(fmt.prefix) + len(buf) + len(fmt.suffix)
+        mask = np.zeros(fmt.length, dtype=np.int64)
+        mask[:n] = 1
+        yield fmt.wrap(buf), mask, used
