@@ -106,16 +106,20 @@ def linear_decay(optimizer, total_steps: int, warmup_steps: int = 0):
 def build_engine(model, cfg: dict, *, params, lr: float, weight_decay: float, total_steps: int, warmup_steps: int = 0):
     """deepspeed.initialize with AdamW over `params` (torch's: it compiles nothing, and
     only the local ZeRO share of the trainable parameters ever reaches it) and a
-    linear-decay schedule, unless the config names its own optimizer/scheduler."""
+    linear-decay schedule, unless the config names its own optimizer/scheduler.
+    `params` may also be torch param groups (dicts), e.g. to exempt biases from weight decay."""
     import deepspeed
 
     ds_cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    params = [p for p in params if p.requires_grad]
+    groups = list(params)
+    groups = groups if groups and isinstance(groups[0], dict) else [{"params": groups}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
     optimizer = scheduler = None
     if "optimizer" not in ds_cfg:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         if "scheduler" not in ds_cfg:
             scheduler = linear_decay(optimizer, total_steps, warmup_steps)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params if optimizer is None else None,
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
                                                    optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     return engine, scheduler

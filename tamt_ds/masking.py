@@ -104,15 +104,22 @@ class MaskError(ValueError):
     pass
 
 
+def check_settings(sparsity: float, scope: str) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise MaskError(f"--sparsity must be in [0, 1), got {sparsity}: pass e.g. --sparsity 0.7")
+    if scope not in ("per_matrix", "global"):
+        raise MaskError(f"--threshold_scope must be per_matrix or global, got {scope!r}")
+
+
 class MaskSet:
     """All masked matrices of one model, and the operations over all of them."""
 
     def __init__(self, sites: list[MaskSite], sparsity: float, scope: str = "per_matrix"):
-        if not 0.0 <= sparsity < 1.0:
-            raise MaskError(f"--sparsity must be in [0, 1), got {sparsity}: pass e.g. --sparsity 0.7")
-        if scope not in ("per_matrix", "global"):
-            raise MaskError(f"--threshold_scope must be per_matrix or global, got {scope!r}")
+        check_settings(sparsity, scope)
         self.sites, self.sparsity, self.scope = sites, sparsity, scope
+        # Exact pruned count per matrix, when a given mask fixes them (fine-tuning a mask
+        # file); None: int(numel * sparsity) per matrix, as TAMT prescribes.
+        self.fixed_k: list[int] | None = None
 
     def __iter__(self):
         return iter(self.sites)
@@ -128,10 +135,19 @@ class MaskSet:
         return sharding.shards_are_disjoint(self.scores)
 
     # ---- thresholds -------------------------------------------------------------
+    def _per_matrix_k(self, shards: Sequence[sharding.Shard]) -> list[int]:
+        return list(self.fixed_k) if self.fixed_k is not None else [int(s.numel * self.sparsity) for s in shards]
+
     def _cut(self, shards: Sequence[sharding.Shard]) -> list[Cut]:
-        if self.scope == "global":
+        if self.scope == "global" and self.fixed_k is None:
             return bottom_k_cuts(shards, int(sum(s.numel for s in shards) * self.sparsity), reduce=self._reduce())
-        return bottom_k_cuts(shards, [int(s.numel * self.sparsity) for s in shards], reduce=self._reduce())
+        return bottom_k_cuts(shards, self._per_matrix_k(shards), reduce=self._reduce())
+
+    def fix_counts(self, mask_file: dict[str, torch.Tensor]) -> None:
+        """Prune exactly the given mask's number of entries in each matrix (not int(numel * s)),
+        so that init_scores("file") and every later cut reproduce that mask exactly."""
+        self.fixed_k = [int((~mask_file[s.name].bool()).sum()) for s in self.sites]
+        self.sparsity = sum(self.fixed_k) / sum(mask_file[s.name].numel() for s in self.sites)
 
     def reset_thresholds(self) -> None:
         """tau := k-th smallest score (per matrix or over all), exact under ZeRO-3."""
@@ -157,14 +173,17 @@ class MaskSet:
         """
         for site, keep in zip(self.sites, self.initial_keep(method, seed=seed, mask_file=mask_file)):
             sharding.local_shard(site.score).values.copy_(keep.to(site.score.dtype) * INIT_SCORE)
-        self.reset_thresholds()
+            # tau0 sits halfway between the two init values (as in TAMT), so a score must move
+            # by tau0 to flip until the first reset; a reset here would put tau on the pruned
+            # scores themselves and let the first positive update flip them.
+            site.module.mask_cut = Cut(INIT_SCORE / 2, 0)
         self.mark_initial()
 
     @torch.no_grad()
     def initial_keep(self, method: str, *, seed: int = 0, mask_file=None) -> list[torch.Tensor]:
         """Local keep-shards of the initial mask (deterministic: recomputed on resume)."""
         ranks = self.ranking_shards(method, seed=seed, mask_file=mask_file)
-        cuts = bottom_k_cuts(ranks, [int(r.numel * self.sparsity) for r in ranks], reduce=self._reduce())
+        cuts = bottom_k_cuts(ranks, self._per_matrix_k(ranks), reduce=self._reduce())
         return [cut.keep(r.values, r.offset) for r, cut in zip(ranks, cuts)]
 
     def restore_initial(self, method: str, *, seed: int = 0, mask_file=None) -> None:
@@ -243,6 +262,7 @@ class MaskSet:
 def attach_masks(model: nn.Module, patterns: Iterable[str] = TAMT_PATTERNS, *, sparsity: float,
                  scope: str = "per_matrix") -> MaskSet:
     """Give every Linear/Embedding whose name matches a pattern a score next to its weight."""
+    check_settings(sparsity, scope)  # before the model is touched
     regexes = [re.compile(p) for p in patterns]
     sites = []
     for name, module in model.named_modules():

@@ -1,0 +1,674 @@
+"""Fine-tune a fixed subnetwork (or the dense model) downstream, top to bottom.
+
+    set up ranks -> load the task(s) -> for each seed:
+        load the model with a new head (partitioned by ZeRO-3) -> fix the mask, zero pruned weights
+        -> engine -> [forward, backward, step, log, eval every --eval_steps and at the end]
+        -> count zeros in the trained weights -> [save the model]
+    -> results.json (best and final dev metrics, per seed and mean +- std) [-> study table]
+
+The mask is the search's mechanism used the other way round: a frozen `mask_score` next
+to each masked weight, W_eff = W * m, so dL/dW = dL/dW_eff * m and a pruned weight gets
+exactly zero gradient.  It starts at exactly 0 (written before DeepSpeed copies its fp32
+masters), and AdamW (decoupled weight decay) leaves a zero weight with zero gradient at
+exactly 0 in every precision.  The harness counts it after training, from the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from tamt_ds import engine as eng, sharding
+from tamt_ds.checkpoint import atomic_write_text
+from tamt_ds.downstream.metrics import main_score, split_metrics
+from tamt_ds.downstream.squad import postprocess_predictions, squad_metrics
+from tamt_ds.downstream.study import _json_safe, aggregate_seeds, study_table, write_study
+from tamt_ds.downstream.tasks import KNOWN_TASKS, LOCAL_PREFIX, TaskError, TaskSpec, _subset, load_task, \
+    tokenize_split
+from tamt_ds.export import replace_dir
+from tamt_ds.maskfile import masks_for_model, read_mask_file
+from tamt_ds.masking import TAMT_PATTERNS, MaskSet, attach_masks
+from tamt_ds.models import DEFAULT_MODEL, ModelError, load_task_model, load_tokenizer
+from tamt_ds.monitor import Monitor, memory_mb
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class FinetuneArguments:
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "hub name or local model directory"})
+    mask: str | None = field(default=None, metadata={
+        "help": "a search's mask.pt (or a mask in the TAMT authors' layout); omp:S or random:S to build "
+                "that baseline at sparsity S; none (default) for the dense model"})
+    mask_seed: int = field(default=0, metadata={"help": "seed of a random:S mask"})
+    task: str | None = field(default=None, metadata={
+        "help": f"one of {', '.join(KNOWN_TASKS)}, or local:DIR (DIR/train.tsv, DIR/validation.tsv)"})
+    tasks: str | None = field(default=None, metadata={
+        "help": "comma-separated tasks: a study, one table of mean +- std over seeds (instead of --task)"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "original task files (GLUE root or task folder; SQuAD JSON folder), or task=DIR,task=DIR; "
+                "default: the hub"})
+    text_columns: str | None = field(default=None, metadata={"help": "local tasks: one or two columns, e.g. word,sentence1"})
+    max_seq_length: int = 128
+    doc_stride: int = field(default=128, metadata={"help": "SQuAD: step between window starts, in tokens"})
+    train_subset: int | None = field(default=None, metadata={"help": "train on a seeded random N-example subset"})
+    seeds: str = field(default="42", metadata={"help": "comma-separated fine-tuning seeds, e.g. 1,2,3"})
+    learning_rate: float = 2e-5
+    num_train_epochs: float = 3.0
+    max_steps: int | None = field(default=None, metadata={"help": "cap on optimizer steps per seed"})
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's; biases and LayerNorms are exempt"})
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_steps: int = field(default=500, metadata={"help": "evaluate every N steps (0: only at the end)"})
+    logging_steps: int = 50
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (default: one for this machine)"})
+    output_dir: str = "outputs/finetune"
+    overwrite_output_dir: bool = False
+    save_model: bool = field(default=False, metadata={"help": "save the fine-tuned model (plain transformers layout)"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
+
+
+class FinetuneError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------ arguments
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    kind: str  # dense | omp | random | file
+    sparsity: float | None = None  # omp / random: the target; file: set once read
+    path: str | None = None
+
+
+def parse_mask(text: str | None) -> MaskSpec:
+    if text is None or text.lower() in ("", "none", "dense"):
+        return MaskSpec("dense", 0.0)
+    kind, _, value = text.partition(":")
+    if kind in ("omp", "random") and value:
+        try:
+            s = float(value)
+        except ValueError:
+            s = -1.0
+        if not 0.0 <= s < 1.0:
+            raise FinetuneError(f"--mask {text}: the sparsity must be a number in [0, 1), e.g. --mask {kind}:0.7")
+        return MaskSpec(kind, s)
+    if not os.path.isfile(text):
+        raise FinetuneError(f"--mask {text!r}: no such file; pass a search's mask.pt, omp:S, random:S or none")
+    return MaskSpec("file", path=text)
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise FinetuneError(f"--seeds {text!r}: pass comma-separated integers, e.g. --seeds 1,2,3") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise FinetuneError(f"--seeds {text!r}: pass distinct comma-separated integers, e.g. --seeds 1,2,3")
+    return seeds
+
+
+def task_names(args: FinetuneArguments) -> list[str]:
+    if (args.task is None) == (args.tasks is None):
+        raise FinetuneError("pass exactly one of --task NAME or --tasks NAME,NAME,... "
+                            f"(known: {', '.join(KNOWN_TASKS)}, or local:DIR)")
+    names = [args.task] if args.task is not None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for name in names:  # fail before any training, not when a study reaches a typo
+        if name not in KNOWN_TASKS and not name.startswith(LOCAL_PREFIX):
+            raise TaskError(f"unknown task {name!r}; known: {', '.join(KNOWN_TASKS)}, or local:DIR")
+    if len(set(names)) != len(names):
+        raise FinetuneError(f"--tasks {args.tasks!r} names a task twice")
+    return names
+
+
+def data_dir_for(args: FinetuneArguments, task: str) -> str | None:
+    """--data_dir DIR (every hub task) or task=DIR,task=DIR; local:DIR tasks carry their own."""
+    if task.startswith(LOCAL_PREFIX) or not args.data_dir:
+        return None
+    if "=" not in args.data_dir:
+        return args.data_dir
+    pairs = dict(p.split("=", 1) for p in args.data_dir.split(",") if "=" in p)
+    return pairs.get(task)
+
+
+def validate(args: FinetuneArguments) -> None:
+    for name in ("max_seq_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            raise FinetuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_train_epochs <= 0:
+        raise FinetuneError(f"--num_train_epochs must be > 0, got {args.num_train_epochs}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise FinetuneError(f"--max_steps must be at least 1 (or left out), got {args.max_steps}")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        raise FinetuneError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.eval_steps < 0:
+        raise FinetuneError(f"--eval_steps must be >= 0 (0: evaluate at the end only), got {args.eval_steps}")
+
+
+def slug(task: str) -> str:
+    """A directory name for a task: mnli, local-supersense_verb."""
+    if task.startswith(LOCAL_PREFIX):
+        task = "local-" + os.path.basename(os.path.normpath(task[len(LOCAL_PREFIX):]))
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", task)
+
+
+# ----------------------------------------------------------------------- data
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: object  # datasets.Dataset of raw examples (the full train split)
+    evals: dict  # split -> (raw examples, tokenised features)
+    _train_features: object = None  # cached when every seed trains on the same examples
+
+    def train_features(self, args: FinetuneArguments, tokenizer, seed: int):
+        if args.train_subset is None and self._train_features is not None:
+            return self._train_features
+        raw = _subset(self.train, args.train_subset, seed) if args.train_subset is not None else self.train
+        feats = tokenize_split(self.spec, raw, tokenizer, max_seq_length=args.max_seq_length,
+                               doc_stride=args.doc_stride, train=True)
+        if args.train_subset is None:
+            self._train_features = feats
+        return feats
+
+
+def load_data(args: FinetuneArguments, name: str, tokenizer) -> TaskData:
+    text_columns = tuple(c.strip() for c in args.text_columns.split(",")) if args.text_columns else None
+    spec, splits = load_task(name, data_dir=data_dir_for(args, name),
+                             text_columns=text_columns if name.startswith(LOCAL_PREFIX) else None)
+    if args.train_subset is not None:
+        _subset(splits["train"], args.train_subset, 0)  # a bad N fails now, with the task's size in the message
+    evals = {split: (splits[split], tokenize_split(spec, splits[split], tokenizer, max_seq_length=args.max_seq_length,
+                                                   doc_stride=args.doc_stride, train=False))
+             for split in spec.eval_splits}
+    return TaskData(spec, splits["train"], evals)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_batches(features, collate, batch_size: int, seed: int):
+    """Endless micro-batches of this rank's share, reshuffled every epoch (same order for a seed)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(features, num_replicas=sharding.world_size(), rank=sharding.rank(),
+                                 shuffle=True, seed=seed)
+    loader = DataLoader(features, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+# ----------------------------------------------------------------------- mask
+
+
+def tamt_matrices(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules TAMT masks (as attach_masks picks them): where sparsity is counted."""
+    regexes = [re.compile(p) for p in TAMT_PATTERNS]
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) and any(r.search(n) for r in regexes)]
+
+
+def fix_mask(model: nn.Module, mask: MaskSpec, mask_file: dict | None) -> MaskSet | None:
+    """Attach the fixed mask: frozen scores whose cut is the mask; pruned weights := 0."""
+    if mask.kind == "dense":
+        return None
+    masks = attach_masks(model, TAMT_PATTERNS, sparsity=mask.sparsity or 0.0)
+    if mask.kind == "file":
+        file_masks = masks_for_model(mask_file, model, masks, mask.path)
+        masks.fix_counts(file_masks)  # keep exactly the file's mask, whatever its per-matrix counts
+        masks.init_scores("file", mask_file=file_masks)
+    else:
+        masks.init_scores("magnitude" if mask.kind == "omp" else "random", seed=0)
+    for p in masks.scores:
+        p.requires_grad_(False)
+    # Before deepspeed.initialize, so that its fp32 master copies start from the zeros too.
+    masks.zero_pruned_weights()
+    return masks
+
+
+def mask_file_sparsity(model_name_or_path: str, mask: MaskSpec, mask_file: dict) -> float:
+    """The file's sparsity over the model's masked matrices, checked against a weightless
+    (meta-device) copy of the model: a MaskError names what does not fit."""
+    from transformers import AutoConfig, AutoModel
+
+    from tamt_ds.models import resolve_model_path, zero3_init
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(model_name_or_path))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {model_name_or_path!r} ({str(e).strip().splitlines()[0]}): pass "
+                         f"--model_name_or_path with a local model directory or a reachable hub name") from e
+    with zero3_init(None), torch.device("meta"):
+        model = AutoModel.from_config(config)
+    fitted = masks_for_model(mask_file, model, attach_masks(model, TAMT_PATTERNS, sparsity=0.0), mask.path)
+    return sum(int((~m).sum()) for m in fitted.values()) / sum(m.numel() for m in fitted.values())
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Everything but the mask trains; biases and LayerNorms are exempt from weight decay
+    (as in BERT's fine-tuning and HF's Trainer).  Masked weights decay like any weight:
+    a pruned one is 0 and stays 0 under decoupled decay."""
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if name.endswith("mask_score"):
+            continue
+        (no_decay if name.endswith("bias") or id(p) in norms else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _local_fp32_master(weight: torch.Tensor, n: int) -> torch.Tensor | None:
+    """This rank's slice of the optimizer's fp32 copy of a ZeRO-3 weight (None elsewhere)."""
+    if not sharding.is_partitioned(weight) or not hasattr(weight, "_z3_optimizer"):
+        return None
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    master = safe_get_local_fp32_param(weight)
+    return None if master is None else master.reshape(-1)[:n]
+
+
+@torch.no_grad()
+def measure_sparsity(model: nn.Module, masks: MaskSet | None) -> dict:
+    """Exact zeros of the masked matrices, counted in the trained weights (each rank its own
+    shard, summed); and pruned entries that are not zero, in the weights and in the fp32
+    master copy (0 when the mask held)."""
+    if masks is not None:
+        matrices = [(s.name, s.weight, s) for s in masks]
+    else:
+        matrices = [(n, m.weight, None) for n, m in tamt_matrices(model)]
+    counts = torch.zeros(len(matrices), 3, dtype=torch.int64)  # zeros, pruned nonzero (weight), (fp32 master)
+    for i, (_, weight, site) in enumerate(matrices):
+        shard = sharding.local_shard(weight)
+        counts[i, 0] = int((shard.values == 0).sum())
+        if site is not None:
+            pruned = ~site.local_keep()
+            counts[i, 1] = int((shard.values[pruned] != 0).sum())
+            master = _local_fp32_master(weight, shard.values.numel())
+            if master is not None:
+                counts[i, 2] = int((master[pruned] != 0).sum())
+    sharding.all_reduce_(counts, enabled=sharding.shards_are_disjoint([w for _, w, _ in matrices]))
+    numel = [w.ds_numel if sharding.is_partitioned(w) else w.numel() for _, w, _ in matrices]
+    return {
+        "measured": float(counts[:, 0].sum()) / sum(numel),
+        "pruned_nonzero": int(counts[:, 1].sum()),
+        "pruned_nonzero_fp32_master": int(counts[:, 2].sum()),
+        "matrices": len(matrices),
+        "numel": sum(numel),
+        "per_matrix": {name: float(counts[i, 0]) / numel[i] for i, (name, _, _) in enumerate(matrices)},
+    }
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def gather_to_rank0(rows: list) -> list | None:
+    """Every rank's rows, concatenated in rank order on rank 0 (None elsewhere)."""
+    if not sharding.distributed():
+        return rows
+    import torch.distributed as dist
+
+    parts = [None] * sharding.world_size() if sharding.rank() == 0 else None
+    dist.gather_object(rows, parts, dst=0)
+    return [r for part in parts for r in part] if parts is not None else None
+
+
+@torch.no_grad()
+def predict(engine, features, collate, batch_size: int, squad: bool) -> list | None:
+    """Model outputs for every feature, in order, on rank 0.
+
+    Rank r takes the contiguous block r of the features, padded to the same length on
+    every rank (with copies of feature 0): under ZeRO-3 each forward gathers parameters
+    collectively, so all ranks must run the same number of forward passes.
+    """
+    n, world, rank = len(features), sharding.world_size(), sharding.rank()
+    per = math.ceil(n / world)
+    mine = list(range(rank * per, min(n, (rank + 1) * per)))
+    index = mine + [0] * (per - len(mine))
+    inputs = features.select_columns([c for c in MODEL_INPUTS if c in features.column_names]).select(index)
+    rows = []
+    engine.eval()
+    for start in range(0, per, batch_size):
+        batch = collate([inputs[i] for i in range(start, min(per, start + batch_size))])
+        out = engine(**to_device(batch, engine.device))
+        if squad:
+            starts, ends = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+            rows += [(s, e) for s, e in zip(starts, ends)]
+        else:
+            rows += list(out.logits.float().cpu().numpy())
+    engine.train()
+    return gather_to_rank0(rows[:len(mine)])
+
+
+def evaluate(engine, data: TaskData, collate, batch_size: int) -> dict[str, float]:
+    """Metrics of every eval split on the full split, computed once (rank 0) and shared."""
+    spec = data.spec
+    metrics: dict[str, float] = {}
+    for split, (examples, features) in data.evals.items():
+        rows = predict(engine, features, collate, batch_size, spec.kind == "squad")
+        if rows is None:
+            continue  # not rank 0
+        if spec.kind == "squad":
+            answers = postprocess_predictions(examples, features, [s for s, _ in rows], [e for _, e in rows],
+                                              version_2=spec.version_2)
+            metrics.update(squad_metrics(answers, examples, version_2=spec.version_2))
+        else:
+            metrics.update(split_metrics(spec, split, np.stack(rows), examples["label"]))
+    return sharding.broadcast_object(metrics)
+
+
+# ---------------------------------------------------------------------- saving
+
+
+@torch.no_grad()
+def full_weight(p: nn.Parameter) -> torch.Tensor:
+    """The full tensor of a parameter (collective): the optimizer's fp32 copy when it
+    has one (bf16 training keeps the exact weights there), else the gathered parameter."""
+    if sharding.is_partitioned(p) and p.requires_grad and hasattr(p, "_z3_optimizer"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p).reshape(p.ds_shape).cpu()
+    with sharding.gathered([p]):
+        return p.data.detach().float().cpu().clone()
+
+
+@torch.no_grad()
+def save_model(model: nn.Module, masks: MaskSet | None, tokenizer, out_dir: str) -> None:
+    """A plain transformers checkpoint: no mask_score, pruned weights exactly 0 (checked).
+    Parameters are consolidated one at a time; rank 0 writes, into a temporary
+    directory that replaces out_dir only when complete."""
+    keep = masks.full_masks() if masks is not None else {}  # collective
+    weight_of = {s.name + ".weight": s.name for s in masks} if masks is not None else {}
+    state = {}
+    for name, p in model.named_parameters():
+        if name.endswith("mask_score"):
+            continue
+        full = full_weight(p)
+        if sharding.rank() != 0:
+            continue
+        if name in weight_of:
+            pruned = ~keep[weight_of[name]]
+            if (full[pruned] != 0).any():
+                raise RuntimeError(f"{name}: {int((full[pruned] != 0).sum())} pruned weights are not zero")
+            full = full * keep[weight_of[name]]  # a no-op, as just checked: the mask is in the weights
+        state[name] = full
+    if sharding.rank() == 0:
+        from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+        from tamt_ds.models import zero3_init
+
+        auto = AutoModelForQuestionAnswering if "QuestionAnswering" in type(model).__name__ \
+            else AutoModelForSequenceClassification
+        with zero3_init(None):
+            plain = auto.from_config(model.config)
+        plain.load_state_dict(state, strict=False)
+        missing = {n for n, _ in plain.named_parameters()} - set(state)
+        if missing:
+            raise RuntimeError(f"saved model lacks {sorted(missing)[:3]}")
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-model-")
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out_dir)
+    sharding.barrier()
+
+
+# ------------------------------------------------------------------- training
+
+
+def run_seed(args: FinetuneArguments, data: TaskData, seed: int, ds_config: dict, tokenizer, mask: MaskSpec,
+             mask_file: dict | None, monitor: Monitor, model_dir: str | None) -> dict:
+    """Fine-tune one seed from the pre-trained weights; its best / final dev metrics and sparsity."""
+    from transformers import DataCollatorWithPadding
+
+    spec = data.spec
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)  # same on every rank: the new head starts identical everywhere
+    model = load_model_for(args, spec, ds_config)
+    masks = fix_mask(model, mask, mask_file)
+
+    features = data.train_features(args, tokenizer, seed)
+    collate = DataCollatorWithPadding(tokenizer)
+    total, per_epoch = steps_for(args, len(features))
+    engine, scheduler = eng.build_engine(model, ds_config, params=param_groups(model, args.weight_decay),
+                                         lr=args.learning_rate, weight_decay=args.weight_decay, total_steps=total,
+                                         warmup_steps=math.ceil(args.warmup_ratio * total))
+    device = engine.device
+    batches = train_batches(features.with_format(None), collate, args.per_device_train_batch_size, seed)
+    tag = f"seed{seed}"
+    monitor.write(f"{spec.name} | seed {seed} | {len(features)} train features | {total} steps "
+                  f"({per_epoch}/epoch) | {mask_label(mask)} | world size {sharding.world_size()} | "
+                  f"{eng.precision(ds_config)} | ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
+
+    history, best, best_step, final = [], None, 0, None
+    window = {"t": time.perf_counter(), "loss": 0.0, "n": 0, "tokens": 0}
+    engine.train()
+    for step in range(1, total + 1):
+        for _ in range(args.gradient_accumulation_steps):
+            batch = to_device(next(batches), device)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer (and the schedule) at the accumulation boundary
+            window["loss"] += float(loss.detach())
+            window["n"] += 1
+            window["tokens"] += int(batch["attention_mask"].sum())
+        monitor.step(loss=float(loss))
+
+        if step % args.logging_steps == 0 or step == total:
+            log_train(monitor, step, tag, scheduler, window)
+        if (args.eval_steps and step % args.eval_steps == 0) or step == total:
+            metrics = final = evaluate(engine, data, collate, args.per_device_eval_batch_size)
+            history.append({"step": step, **metrics})
+            if best is None or main_score(spec, metrics) > main_score(spec, best):
+                best, best_step = metrics, step
+            monitor.log(step, {f"{tag}/eval/{k}": v for k, v in metrics.items()})
+            monitor.write(f"{spec.name} seed {seed} step {step}/{total}: "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+
+    sparsity = measure_sparsity(model, masks)
+    if sparsity["pruned_nonzero"] or sparsity["pruned_nonzero_fp32_master"]:
+        raise RuntimeError(f"the mask leaked: {sparsity['pruned_nonzero']} pruned weights are not zero")
+    if model_dir is not None:
+        save_model(model, masks, tokenizer, model_dir)
+    engine.destroy()  # releases ZeRO-3's hooks and buffers before the next seed builds its engine
+    del engine, model, masks
+    gc.collect()
+    return {"seed": seed, "steps": total, "best_step": best_step, "best": best, "final": final,
+            "history": history, "sparsity": sparsity, "train_time_s": time.perf_counter() - t0,
+            **({"model_dir": model_dir} if model_dir else {})}
+
+
+def load_model_for(args: FinetuneArguments, spec: TaskSpec, ds_config: dict) -> nn.Module:
+    if spec.kind == "squad":
+        return load_task_model(args.model_name_or_path, head="question_answering", ds_config=ds_config)
+    kwargs = {"num_labels": spec.num_labels}
+    if spec.kind == "regression":
+        kwargs["problem_type"] = "regression"
+    else:
+        kwargs["problem_type"] = "single_label_classification"
+        kwargs["id2label"] = dict(enumerate(spec.label_list))
+        kwargs["label2id"] = {name: i for i, name in enumerate(spec.label_list)}
+    return load_task_model(args.model_name_or_path, head="classification", ds_config=ds_config, **kwargs)
+
+
+def steps_for(args: FinetuneArguments, n_features: int) -> tuple[int, int]:
+    """(optimizer steps per seed, per epoch): --num_train_epochs of this rank's share, capped by --max_steps."""
+    micro = math.ceil(math.ceil(n_features / sharding.world_size()) / args.per_device_train_batch_size)
+    per_epoch = math.ceil(micro / args.gradient_accumulation_steps)  # DistributedSampler pads the last share
+    total = max(1, math.ceil(args.num_train_epochs * per_epoch))
+    return (min(total, args.max_steps) if args.max_steps else total), per_epoch
+
+
+def log_train(monitor: Monitor, step: int, tag: str, scheduler, window: dict) -> None:
+    """Training loss averaged over the window and the ranks."""
+    values = torch.tensor([window["loss"] / max(window["n"], 1), window["tokens"]], dtype=torch.float64)
+    sharding.all_reduce_(values)
+    elapsed = time.perf_counter() - window["t"]
+    monitor.log(step, {
+        f"{tag}/train/loss": float(values[0]) / sharding.world_size(),
+        f"{tag}/train/learning_rate": scheduler.get_last_lr()[0] if scheduler is not None else float("nan"),
+        f"{tag}/perf/tokens_per_s": float(values[1]) / elapsed, **{f"{tag}/perf/{k}": v for k, v in memory_mb().items()},
+    })
+    window.update(t=time.perf_counter(), loss=0.0, n=0, tokens=0)
+
+
+def mask_label(mask: MaskSpec) -> str:
+    if mask.kind == "dense":
+        return "dense"
+    if mask.kind == "file":
+        return f"mask {mask.path} (sparsity {mask.sparsity:.4f})"
+    return f"{mask.kind} mask at sparsity {mask.sparsity}"
+
+
+# --------------------------------------------------------------------- results
+
+
+def summarize(args: FinetuneArguments, data: TaskData, mask: MaskSpec, ds_config: dict, seeds: list[int],
+              per_seed: list[dict]) -> dict:
+    spec = data.spec
+    done = per_seed
+    out = {
+        "task": spec.name, "kind": spec.kind, "main_metric": spec.main_metric, "eval_splits": list(spec.eval_splits),
+        "model": args.model_name_or_path, "mask": args.mask or "none", "mask_kind": mask.kind,
+        "mask_sparsity": mask.sparsity, "precision": str(eng.precision(ds_config)).removeprefix("torch."),
+        "world_size": sharding.world_size(), "seeds": seeds, "seeds_done": [r["seed"] for r in done],
+        "complete": len(done) == len(seeds),
+    }
+    if done:
+        out["best"] = aggregate_seeds([r["best"] for r in done])
+        out["final"] = aggregate_seeds([r["final"] for r in done])
+        measured = [r["sparsity"]["measured"] for r in done]
+        out["sparsity"] = {
+            "measured": float(np.mean(measured)), "values": measured, "mask": mask.sparsity,
+            "pruned_nonzero": sum(r["sparsity"]["pruned_nonzero"] for r in done),
+            "matrices": done[-1]["sparsity"]["matrices"], "numel": done[-1]["sparsity"]["numel"],
+            "per_matrix": done[-1]["sparsity"]["per_matrix"],
+        }
+    out["per_seed"] = [{k: v for k, v in r.items() if k != "sparsity"}
+                       | {"sparsity": {k: v for k, v in r["sparsity"].items() if k != "per_matrix"}} for r in done]
+    out["args"] = dataclasses.asdict(args)
+    out["deepspeed"] = {k: v for k, v in ds_config.items()}
+    return out
+
+
+def write_results(path: str, results: dict) -> None:
+    if sharding.rank() == 0:
+        atomic_write_text(path, json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+
+
+def prepare_output_dirs(args: FinetuneArguments, task_dirs: list[str], study: bool) -> None:
+    """Refuse to overwrite earlier results unless asked (decided on rank 0, agreed by all)."""
+    error = None
+    if sharding.rank() == 0:
+        taken = [os.path.join(d, "results.json") for d in task_dirs if os.path.exists(os.path.join(d, "results.json"))]
+        if study and os.path.exists(os.path.join(args.output_dir, "study.json")):
+            taken.append(os.path.join(args.output_dir, "study.json"))
+        if taken and not args.overwrite_output_dir:
+            error = (f"{taken[0]} already exists: pass --overwrite_output_dir to replace it, "
+                     f"or another --output_dir")
+        elif taken:  # replacing: earlier curves must not mix with the new ones
+            for d in task_dirs:
+                shutil.rmtree(os.path.join(d, "tensorboard"), ignore_errors=True)
+                if os.path.exists(os.path.join(d, "metrics.jsonl")):
+                    os.remove(os.path.join(d, "metrics.jsonl"))
+        if error is None:
+            for d in task_dirs:
+                os.makedirs(d, exist_ok=True)
+    error = sharding.broadcast_object(error)
+    if error:
+        raise FinetuneError(error)
+
+
+def finetune(args: FinetuneArguments) -> dict:
+    """Fine-tune every task for every seed; returns {task: results}."""
+    validate(args)
+    names = task_names(args)
+    seeds = parse_seeds(args.seeds)
+    mask = parse_mask(args.mask)
+    mask_file = read_mask_file(mask.path) if mask.kind == "file" else None
+    eng.init_distributed()
+    ds_config = eng.load_ds_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
+                                   grad_accum=args.gradient_accumulation_steps, grad_clip=args.max_grad_norm)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    tasks = {name: load_data(args, name, tokenizer) for name in names}  # every input error before any training
+
+    if mask.kind == "file":  # the mask must fit the model before anything is written
+        mask = dataclasses.replace(mask, sparsity=mask_file_sparsity(args.model_name_or_path, mask, mask_file))
+
+    study = args.tasks is not None
+    task_dirs = {n: os.path.join(args.output_dir, slug(n)) if study else args.output_dir for n in names}
+    prepare_output_dirs(args, list(task_dirs.values()), study)
+    all_results = {}
+    for name, data in tasks.items():
+        out_dir = task_dirs[name]
+        total, _ = steps_for(args, len(data.train_features(args, tokenizer, seeds[0])))
+        monitor = Monitor(out_dir, total_steps=total * len(seeds), desc=slug(name))
+        per_seed = []
+        for seed in seeds:
+            model_dir = None
+            if args.save_model:
+                model_dir = os.path.join(out_dir, "model" if len(seeds) == 1 else f"model_seed{seed}")
+            per_seed.append(run_seed(args, data, seed, ds_config, tokenizer, mask, mask_file, monitor, model_dir))
+            results = summarize(args, data, mask, ds_config, seeds, per_seed)
+            write_results(os.path.join(out_dir, "results.json"), results)  # after every seed: nothing done is lost
+        best = results["best"]
+        monitor.write(f"{data.spec.name}: best " + ", ".join(f"{k} {v['mean']:.2f} ± {v['std']:.2f}"
+                                                              for k, v in best.items())
+                      + f" | measured sparsity {results['sparsity']['measured']:.4f} -> {out_dir}/results.json")
+        monitor.close()
+        all_results[name] = results
+
+    if study:
+        write_study_tables(args, all_results)
+    return all_results
+
+
+def write_study_tables(args: FinetuneArguments, all_results: dict) -> None:
+    """study.md / study.json (best dev score, as the paper reports) and study_final.*."""
+    if sharding.rank() != 0:
+        return
+    mains = {n: r["main_metric"] for n, r in all_results.items()}
+    for which, stem in (("best", "study"), ("final", "study_final")):
+        md, table = study_table({n: r[which] for n, r in all_results.items()}, main_metrics=mains)
+        write_study(os.path.join(args.output_dir, stem), md, table)
+        if which == "best":
+            print(f"\nBest dev score, mean ± std over seeds ({args.output_dir}/study.md):\n\n{md}", flush=True)
+
+
+def parse_args(argv=None) -> FinetuneArguments:
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser((FinetuneArguments,)).parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def main(argv=None) -> int:
+    from tamt_ds.errors import run_cli
+
+    return run_cli(lambda: finetune(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
