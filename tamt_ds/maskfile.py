@@ -19,9 +19,9 @@ from tamt_ds.models import export_name
 def atomic_torch_save(obj, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:  # a file object: torch's zip writer refuses some temp names
+            torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -21,7 +21,7 @@ from tamt_ds.data.corpus import CorpusArguments, build_block_loader, build_valid
     default_validation_files
 from tamt_ds.export import export_search_outputs
 from tamt_ds.maskfile import masks_for_model, read_mask_file
-from tamt_ds.masking import TAMT_PATTERNS, MaskError, attach_masks
+from tamt_ds.masking import TAMT_PATTERNS, attach_masks, check_settings
 from tamt_ds.models import DEFAULT_MODEL, load_model, load_tokenizer
 from tamt_ds.monitor import Monitor, memory_mb
 from tamt_ds.objectives import OBJECTIVES, compute_loss, kd_loss, mlm_accuracy, teacher_hidden_states
@@ -75,8 +75,7 @@ class SearchError(ValueError):
 def validate(args: SearchArguments) -> None:
     if args.objective not in OBJECTIVES:
         raise SearchError(f"unknown --objective {args.objective!r}: use one of {', '.join(OBJECTIVES)}")
-    if not 0.0 <= args.sparsity < 1.0:
-        raise MaskError(f"--sparsity must be in [0, 1), got {args.sparsity}: pass e.g. --sparsity 0.7")
+    check_settings(args.sparsity, args.threshold_scope)
     if args.max_steps < 1:
         raise SearchError(f"--max_steps must be at least 1, got {args.max_steps}")
 
@@ -86,27 +85,27 @@ def run_config(args: SearchArguments, data: CorpusArguments, ds_config: dict) ->
             "world_size": sharding.world_size()}
 
 
-def prepare_output_dir(args: SearchArguments, config: dict) -> None:
-    """Refuse to mix two runs in one directory, unless asked (checked on rank 0, agreed by all)."""
-    error = None
+def check_output_dir(args: SearchArguments) -> None:
+    """Refuse to mix two runs in one directory unless asked; nothing is written here."""
+    holds_run = os.path.isdir(args.output_dir) and bool(os.listdir(args.output_dir))
+    if holds_run and not (args.resume or args.overwrite_output_dir):
+        raise SearchError(f"--output_dir {args.output_dir} already holds a run: pass --resume to continue it, "
+                          f"--overwrite_output_dir to replace it, or another --output_dir")
+
+
+def start_output_dir(args: SearchArguments, config: dict) -> None:
+    """Called once everything loaded: only a run that can start touches the directory."""
     if sharding.rank() == 0:
-        path = os.path.join(args.output_dir, "run_config.json")
-        if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.resume:
-            if args.overwrite_output_dir:
-                for sub in ("checkpoints", "tensorboard", "pruned_model"):
-                    shutil.rmtree(os.path.join(args.output_dir, sub), ignore_errors=True)
-                for f in ("metrics.jsonl", "mask.pt"):
-                    if os.path.exists(os.path.join(args.output_dir, f)):
-                        os.remove(os.path.join(args.output_dir, f))
-            else:
-                error = (f"--output_dir {args.output_dir} already holds a run: pass --resume to continue it, "
-                         f"--overwrite_output_dir to replace it, or another --output_dir")
-        if error is None:
-            os.makedirs(args.output_dir, exist_ok=True)
-            checkpoint.atomic_write_text(path, json.dumps(config, indent=2, default=str))
-    error = sharding.broadcast_object(error)
-    if error:
-        raise SearchError(error)
+        if args.overwrite_output_dir and not args.resume:
+            for sub in ("checkpoints", "tensorboard", "pruned_model"):
+                shutil.rmtree(os.path.join(args.output_dir, sub), ignore_errors=True)
+            for f in ("metrics.jsonl", "mask.pt"):
+                if os.path.exists(os.path.join(args.output_dir, f)):
+                    os.remove(os.path.join(args.output_dir, f))
+        os.makedirs(args.output_dir, exist_ok=True)
+        checkpoint.atomic_write_text(os.path.join(args.output_dir, "run_config.json"),
+                                     json.dumps(config, indent=2, default=str))
+    sharding.barrier()
 
 
 def to_device(batch: dict, device) -> dict:
@@ -138,11 +137,11 @@ def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
 
 def search(args: SearchArguments, data: CorpusArguments) -> dict:
     validate(args)
+    check_output_dir(args)
     eng.init_distributed()
     torch.manual_seed(args.seed)
     ds_config = eng.load_ds_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
                                    grad_accum=args.gradient_accumulation_steps, grad_clip=args.max_grad_norm)
-    prepare_output_dir(args, run_config(args, data, ds_config))
     mask_file = read_mask_file(args.mask_init) if args.mask_init not in ("magnitude", "random") else None
 
     # Model: frozen weights, partitioned at load under ZeRO-3; one score next to each masked weight.
@@ -172,6 +171,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     eval_batches = build_validation_batches(data, tokenizer, batch_size=args.per_device_train_batch_size,
                                             rank=sharding.rank(), world_size=sharding.world_size(),
                                             seed=args.seed, mlm=use_mlm)
+    start_output_dir(args, run_config(args, data, ds_config))
     ckpt_root = os.path.join(args.output_dir, "checkpoints")
     step = 0
     if args.resume:
