@@ -118,3 +118,34 @@ def deadline(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def distinct_docs(tok, docs: list[str]) -> list[str]:
+    """Documents whose token sequences are all different (so blocks can be mapped back)."""
+    seen, out = set(), []
+    for d, ids in zip(docs, tok(docs, add_special_tokens=False)["input_ids"]):
+        if tuple(ids) not in seen:
+            seen.add(tuple(ids))
+            out.append(d)
+    return out
+
+
+def recover_docs(stream: np.ndarray, tok, docs: list[str]) -> list[int]:
+    """Indices (into `docs`) of the complete documents in a running token stream."""
+    table = {tuple(ids): i for i, ids in enumerate(tok(docs, add_special_tokens=False)["input_ids"])}
+    cuts = np.flatnonzero(stream == tok.sep_token_id)
+    out, start = [], 0
+    for c in cuts:
+        out.append(table[tuple(stream[start:c].tolist())])
+        start = c + 1
+    return out
+
+
+def first_epoch(indices: list[int]) -> list[int]:
+    """A reader's documents up to where its stream starts over (its first document again)."""
+    assert indices, "no complete document read"
+    try:
+        end = indices.index(indices[0], 1)
+    except ValueError:
+        raise AssertionError("the reader did not finish an epoch in the batches taken") from None
+    return indices[:end]

@@ -222,14 +222,13 @@ class _Plan:
                 corrupted, labels = corrupt(ids, mask, keys, seed=self.seed, stream=TRAIN_STREAM, spec=self.masking)
                 batch = {"input_ids": torch.from_numpy(corrupted), "attention_mask": batch["attention_mask"], "labels": torch.from_numpy(labels)}
             done += 1
-            mixer = packer.docs
             yield batch, {
                 "worker": worker,
                 "batches": done,
                 "packer": packer.state_dict(),
-                "epoch": mixer.epoch,
-                "epoch_fraction": mixer.epoch_fraction,
-                "undecodable_bytes": mixer.undecodable_bytes,
+                "epoch": packer.epoch,  # of the text handed out, not of the read-ahead
+                "epoch_fraction": packer.epoch_fraction,
+                "undecodable_bytes": packer.docs.undecodable_bytes,
             }
 
 

@@ -10,6 +10,7 @@ no padding. Only a finite set (the validation set) can end in a padded block.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -101,6 +102,9 @@ class Packer:
     carried into the chunk, blocks already cut from it). Restoring it re-reads and
     re-tokenises that one chunk -- cheap -- instead of carrying a chunk of tokens in
     every checkpoint.
+
+    `epoch` / `epoch_fraction` are those of the text at the start of the last block cut,
+    not of the reader, which runs up to one chunk ahead.
     """
 
     def __init__(self, docs, tokenizer, fmt: BlockFormat, *, chunk_docs: int = 256, where: str = "this reader"):
@@ -111,15 +115,20 @@ class Packer:
         self.where = where
         self._chunk_state = None  # docs state before the current chunk
         self._carry = np.empty(0, dtype=np.int32)  # tokens carried into the current chunk
+        self._carry_mark: tuple[int, float | None] = (0, None)  # (epoch, fraction) of the carried text
         self._cut = 0  # blocks cut from (carry + chunk)
         self._buf = np.empty(0, dtype=np.int32)
         self._pos = 0
+        # Where each document starts in the buffer, and the reader's (epoch, fraction) there.
+        self._marks: tuple[list[int], list[tuple[int, float | None]]] = ([0], [(0, None)])
         self._loaded = True  # whether _buf matches the state (False right after load_state_dict)
         # The first pass over the corpus must give at least one block.
         self._first_pass_tokens = 0
         self._first_pass_done = False
         self.docs_read = 0
         self.tokens_read = 0
+        self.epoch = 0
+        self.epoch_fraction: float | None = None
 
     def next_block(self) -> np.ndarray:
         if not self._loaded:
@@ -128,18 +137,24 @@ class Packer:
         while len(self._buf) - self._pos < body:
             self._refill()
         block = self.fmt.wrap(self._buf[self._pos : self._pos + body])
+        self.epoch, self.epoch_fraction = self._mark_at(self._pos)
         self._pos += body
         self._cut += 1
         return block
 
+    def _mark_at(self, pos: int) -> tuple[int, float | None]:
+        offsets, marks = self._marks
+        return marks[bisect.bisect_right(offsets, pos) - 1]
+
     def _read_chunk(self) -> tuple[np.ndarray, int]:
-        texts, epochs = [], []
+        texts, epochs, fractions = [], [], []
         for _ in range(self.chunk_docs):
             texts.append(self.docs.next_doc())
             epochs.append(self.docs.epoch)
+            fractions.append(self.docs.epoch_fraction)
         ids = encode(self.tokenizer, texts)
+        sep = 1 if self.fmt.doc_sep is not None else 0
         if not self._first_pass_done:
-            sep = 1 if self.fmt.doc_sep is not None else 0
             self._first_pass_tokens += sum(len(x) + sep for x, e in zip(ids, epochs) if e == 0)
             if epochs[-1] > 0:
                 self._first_pass_done = True
@@ -149,9 +164,17 @@ class Packer:
                         f"fewer than one block of {self.fmt.body} text tokens (max_seq_length={self.fmt.length}); "
                         "use more data, a smaller --max_seq_length, or fewer ranks / --dataloader_num_workers"
                     )
+        offsets, marks = [0], [self._carry_mark]
+        pos = len(self._carry)
+        for x, e, f in zip(ids, epochs, fractions):
+            offsets.append(pos)
+            marks.append((e, f))
+            pos += len(x) + sep
+        self._marks = (offsets, marks)
         return join_documents(ids, self.fmt.doc_sep), len(texts)
 
     def _refill(self) -> None:
+        self._carry_mark = self._mark_at(self._pos) if self._pos < len(self._buf) else (self.docs.epoch, self.docs.epoch_fraction)
         self._carry = self._buf[self._pos :].copy()
         self._chunk_state = self.docs.state_dict()
         self._cut = 0
@@ -176,7 +199,10 @@ class Packer:
         return {
             "docs": self._chunk_state,
             "carry": self._carry.tolist(),
+            "carry_mark": self._carry_mark,
             "cut": self._cut,
+            "epoch": self.epoch,
+            "epoch_fraction": self.epoch_fraction,
             "first_pass_tokens": self._first_pass_tokens,
             "first_pass_done": self._first_pass_done,
             "docs_read": self.docs_read,
@@ -186,7 +212,10 @@ class Packer:
     def load_state_dict(self, state: dict) -> None:
         self._chunk_state = state["docs"]
         self._carry = np.asarray(state["carry"], dtype=np.int32)
+        self._carry_mark = tuple(state["carry_mark"])
         self._cut = state["cut"]
+        self.epoch = state["epoch"]
+        self.epoch_fraction = state["epoch_fraction"]
         self._first_pass_tokens = state["first_pass_tokens"]
         self._first_pass_done = state["first_pass_done"]
         self.docs_read = state["docs_read"]

@@ -328,6 +328,7 @@ class DocCursor:
         self._chunk_len = 0
         self._taken = 0
         self._docs: list[str] = []
+        self._doc_raw: list[int] = []
         self._live = None  # the dataset object being iterated
         self._it = None
         self._raw_done = 0  # raw examples of finished streams in this epoch
@@ -370,17 +371,19 @@ class DocCursor:
         self._chunk_len = len(texts)
         stride, offset, skip = self._share.stride, self._share.offset, self._share.skips[self._stream]
         start = self._chunk_start
-        self._docs = [
-            t
+        keep = [
+            (start + i, t)
             for i, t in enumerate(texts)
             if (start + i) % stride == offset and start + i >= skip and t and not t.isspace()
         ]
+        self._docs = [t for _, t in keep]
+        self._doc_raw = [i for i, _ in keep]  # raw index of each kept document, for progress
 
     def _end_of_stream(self) -> None:
         self._raw_done += self._chunk_start
         self._stream += 1
         self._chunk_state, self._chunk_start, self._chunk_len, self._taken = None, 0, 0, 0
-        self._docs, self._it, self._live = [], None, None
+        self._docs, self._doc_raw, self._it, self._live = [], [], None, None
         if self._stream == len(self._share.streams):
             if self._kept_in_epoch == 0:
                 raise CorpusError(
@@ -396,7 +399,8 @@ class DocCursor:
     def epoch_fraction(self) -> float | None:
         if not self.raw_per_epoch:
             return None
-        return min(1.0, (self._raw_done + self._chunk_start) / self.raw_per_epoch)
+        done = self._doc_raw[self._taken - 1] + 1 if self._taken else self._chunk_start  # raw examples behind us
+        return min(1.0, (self._raw_done + done) / self.raw_per_epoch)
 
     # -- state --------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -420,7 +424,7 @@ class DocCursor:
         self._raw_done = state["raw_done"]
         self._kept_in_epoch = state["kept_in_epoch"]
         self.raw_per_epoch = state["raw_per_epoch"]
-        self._docs, self._it, self._live, self._chunk_len = [], None, None, 0
+        self._docs, self._doc_raw, self._it, self._live, self._chunk_len = [], [], None, None, 0
 
 
 class DocMixer:
