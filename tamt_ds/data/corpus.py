@@ -32,7 +32,7 @@ import torch
 
 from .errors import CorpusError
 from .mlm import TRAIN_STREAM, MaskingSpec, corrupt, masking_spec
-from .packing import BlockFormat, Packer, block_format, encode, join_documents
+from .packing import BlockFormat, Packer, TextEncoder, block_format, join_documents
 from .sources import (
     DocCursor,
     DocMixer,
@@ -42,6 +42,7 @@ from .sources import (
     local_source,
     open_source,
     reader_share,
+    column_texts,
     shard_dataset,
 )
 from .validation import carve_head, rank_batches, read_blocks
@@ -171,7 +172,7 @@ class _Plan:
     sizes: list[list[int] | None]
     held_out: list[int] | None  # per shard of source 0, when validation is carved from it
     weights: list[float] | None
-    tokenizer: Any
+    encoder: TextEncoder
     fmt: BlockFormat
     masking: MaskingSpec | None
     batch_size: int
@@ -200,7 +201,7 @@ class _Plan:
             cursors.append(DocCursor(ds, share, label=spec.label, chunk_docs=CHUNK_DOCS, text_column=spec.text_column))
         mixer = DocMixer(cursors, self.weights, seed=[self.seed % (1 << 63), reader])
         where = f"rank {self.rank} worker {worker} (reader {reader} of {self.num_readers})"
-        return Packer(mixer, self.tokenizer, self.fmt, chunk_docs=CHUNK_DOCS, where=where)
+        return Packer(mixer, self.encoder, self.fmt, chunk_docs=CHUNK_DOCS, where=where)
 
     def batches(self, worker: int, state: dict | None) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
         """One logical worker's batches, forever, each with the worker's position after it."""
@@ -401,9 +402,10 @@ def _check_enough_text(plan: _Plan) -> None:
             skip = held[s] if held else 0
             seen = 0
             for batch in shard_dataset(ds, s).iter(batch_size=CHUNK_DOCS):
-                texts = [t for j, t in enumerate(batch.get(column) or []) if seen + j >= skip and t and not t.isspace()]
-                seen += len(batch.get(column) or [])
-                have += len(join_documents(encode(plan.tokenizer, texts), plan.fmt.doc_sep))
+                column_batch = column_texts(batch, column) or []
+                texts = [t for j, t in enumerate(column_batch) if seen + j >= skip and t and not t.isspace()]
+                seen += len(column_batch)
+                have += len(join_documents(plan.encoder(texts), plan.fmt.doc_sep))
                 if have >= need:
                     return
     raise CorpusError(
@@ -420,19 +422,20 @@ def build_block_loader(
     _check_common(args, batch_size, rank, world_size)
     fmt = block_format(tokenizer, args.max_seq_length)
     masking = masking_spec(tokenizer, args.mlm_probability) if mlm else None
+    encoder = TextEncoder(tokenizer)
     specs, weights = _train_sources(args)
     opened = [open_source(s) for s in specs]
     mode, _ = _validation_plan(args, specs)
     held_out = None
     if mode == "carve":
-        held_out = carve_head(opened[0], tokenizer, fmt, args.validation_blocks, label=specs[0].label, column=specs[0].text_column).held_out
+        held_out = carve_head(opened[0], encoder, fmt, args.validation_blocks, label=specs[0].label, column=specs[0].text_column).held_out
     plan = _Plan(
         specs=specs,
         datasets=opened,
         sizes=[examples_per_shard(s, d) for s, d in zip(specs, opened)],
         held_out=held_out,
         weights=weights,
-        tokenizer=tokenizer,
+        encoder=encoder,
         fmt=fmt,
         masking=masking,
         batch_size=batch_size,
@@ -452,12 +455,13 @@ def build_validation_batches(
     _check_common(args, batch_size, rank, world_size)
     fmt = block_format(tokenizer, args.max_seq_length)
     masking = masking_spec(tokenizer, args.mlm_probability) if mlm else None
+    encoder = TextEncoder(tokenizer)
     specs, _ = _train_sources(args)
     mode, vspecs = _validation_plan(args, specs)
     if mode == "none":
         return []
     if mode == "carve":
-        carve = carve_head(open_source(vspecs[0]), tokenizer, fmt, args.validation_blocks, label=vspecs[0].label, column=vspecs[0].text_column)
+        carve = carve_head(open_source(vspecs[0]), encoder, fmt, args.validation_blocks, label=vspecs[0].label, column=vspecs[0].text_column)
         ids, masks = carve.input_ids, carve.attention_mask
     else:
         columns = {s.text_column for s in vspecs}
@@ -465,5 +469,5 @@ def build_validation_batches(
         if len(columns) > 1:  # pragma: no cover - one --text_column for all sources
             raise CorpusError(f"validation sources disagree on the text field: {sorted(columns)}")
         label = ", ".join(s.label for s in vspecs)
-        ids, masks = read_blocks(opened, tokenizer, fmt, args.validation_blocks, label=label, column=columns.pop())
+        ids, masks = read_blocks(opened, encoder, fmt, args.validation_blocks, label=label, column=columns.pop())
     return rank_batches(ids, masks, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, masking=masking)

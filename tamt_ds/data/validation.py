@@ -21,8 +21,8 @@ import torch
 
 from .errors import CorpusError
 from .mlm import VALIDATION_STREAM, MaskingSpec, corrupt
-from .packing import BlockFormat, pack_finite
-from .sources import shard_dataset
+from .packing import BlockFormat, TextEncoder, pack_finite
+from .sources import column_texts, shard_dataset
 
 
 @dataclass
@@ -36,21 +36,22 @@ def _texts(ds, shards: range, positions: list, shard_len: dict, column: str = "t
     for s in shards:
         n = 0
         for batch in shard_dataset(ds, s).iter(batch_size=256):
-            for i, t in enumerate(batch[column]):
+            texts = column_texts(batch, column) or []
+            for i, t in enumerate(texts):
                 if t and not t.isspace():
                     positions.append((s, n + i))
                     yield t
-            n += len(batch[column])
+            n += len(texts)
         shard_len[s] = n
 
 
-def carve_head(ds, tokenizer, fmt: BlockFormat, n_blocks: int, *, label: str, column: str = "text") -> Carve:
+def carve_head(ds, encoder: TextEncoder, fmt: BlockFormat, n_blocks: int, *, label: str, column: str = "text") -> Carve:
     """The first `n_blocks` full blocks of a source, and the raw examples they used per shard."""
     positions: list[tuple[int, int]] = []
     shard_len: dict[int, int] = {}
     docs = _texts(ds, range(ds.num_shards), positions, shard_len, column)
     ids, masks, used = [], [], 0
-    for block, mask, used in pack_finite(docs, tokenizer, fmt, max_blocks=n_blocks, pad_last=False):
+    for block, mask, used in pack_finite(docs, encoder, fmt, max_blocks=n_blocks, pad_last=False):
         ids.append(block)
         masks.append(mask)
     if len(ids) < n_blocks:
@@ -66,15 +67,15 @@ def carve_head(ds, tokenizer, fmt: BlockFormat, n_blocks: int, *, label: str, co
     return Carve(held_out, ids, masks)
 
 
-def read_blocks(datasets_in_order: list, tokenizer, fmt: BlockFormat, n_blocks: int, *, label: str, column: str = "text"):
+def read_blocks(datasets_in_order: list, encoder: TextEncoder, fmt: BlockFormat, n_blocks: int, *, label: str, column: str = "text"):
     """Up to `n_blocks` blocks from the start of validation sources (last one padded)."""
 
     def texts():
         for ds in datasets_in_order:
             for batch in ds.iter(batch_size=256):
-                yield from (t for t in batch[column] if t and not t.isspace())
+                yield from (t for t in column_texts(batch, column) or [] if t and not t.isspace())
 
-    out = [(b, m) for b, m, _ in pack_finite(texts(), tokenizer, fmt, max_blocks=n_blocks, pad_last=True)]
+    out = [(b, m) for b, m, _ in pack_finite(texts(), encoder, fmt, max_blocks=n_blocks, pad_last=True)]
     if not out:
         raise CorpusError(f"validation source {label!r} holds no text; pass other --validation_files")
     return [b for b, _ in out], [m for _, m in out]
