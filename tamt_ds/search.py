@@ -36,14 +36,16 @@ class SearchArguments:
     mask_patterns: list[str] = field(default_factory=lambda: list(TAMT_PATTERNS),
                                      metadata={"help": "regexes of module names to mask"})
     threshold_scope: str = field(default="per_matrix", metadata={"help": "per_matrix (TAMT) or global"})
-    threshold_reset_steps: int = field(default=50, metadata={"help": "reset tau to the k-th score every N steps"})
+    threshold_reset_steps: int = field(default=10, metadata={"help": "reset tau to the k-th score every N steps"})
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    max_steps: int = 300
-    # Short searches need a larger step than the paper's 2e-5 (17k steps) for scores to cross tau.
-    learning_rate: float = 2e-3
+    # Defaults: the embedded run (a few minutes on 2 CPU cores).  A short search needs a
+    # larger step than the paper's 2e-5 over 17k steps for scores to cross tau0 = 0.01;
+    # the warm-up keeps Adam's first, sign-sized steps from flipping masks on noise.
+    max_steps: int = 120
+    learning_rate: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     max_grad_norm: float = 1.0
     seed: int = 42
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (default: one for this machine)"})
@@ -201,7 +203,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
         step += 1
         if step % args.threshold_reset_steps == 0:
             masks.reset_thresholds()
-        monitor.step(loss=float(terms["loss"]))
+        monitor.step(loss=float(terms["loss"].detach()))
 
         if step % args.logging_steps == 0 or step == args.max_steps:
             log_step(monitor, step, masks, scheduler, window)
