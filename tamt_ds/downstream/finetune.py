@@ -248,22 +248,27 @@ def fix_mask(model: nn.Module, mask: MaskSpec, mask_file: dict | None) -> MaskSe
     return masks
 
 
-def mask_file_sparsity(model_name_or_path: str, mask: MaskSpec, mask_file: dict) -> float:
-    """The file's sparsity over the model's masked matrices, checked against a weightless
-    (meta-device) copy of the model: a MaskError names what does not fit."""
-    from transformers import AutoConfig, AutoModel
+def mask_for_task(args: FinetuneArguments, spec: TaskSpec, mask: MaskSpec, mask_file: dict | None) -> MaskSpec:
+    """A mask file is checked against a weightless (meta-device) copy of the task's model,
+    before anything is written (a MaskError names what does not fit), and its sparsity is
+    counted over that model's masked matrices (a QA model has no pooler, for one)."""
+    if mask.kind != "file":
+        return mask
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     from tamt_ds.models import resolve_model_path, zero3_init
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(model_name_or_path))
+        config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path))
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {model_name_or_path!r} ({str(e).strip().splitlines()[0]}): pass "
+        raise ModelError(f"cannot load model {args.model_name_or_path!r} ({str(e).strip().splitlines()[0]}): pass "
                          f"--model_name_or_path with a local model directory or a reachable hub name") from e
+    auto = AutoModelForQuestionAnswering if spec.kind == "squad" else AutoModelForSequenceClassification
     with zero3_init(None), torch.device("meta"):
-        model = AutoModel.from_config(config)
+        model = auto.from_config(config)
     fitted = masks_for_model(mask_file, model, attach_masks(model, TAMT_PATTERNS, sparsity=0.0), mask.path)
-    return sum(int((~m).sum()) for m in fitted.values()) / sum(m.numel() for m in fitted.values())
+    sparsity = sum(int((~m).sum()) for m in fitted.values()) / sum(m.numel() for m in fitted.values())
+    return dataclasses.replace(mask, sparsity=sparsity)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -340,12 +345,16 @@ def predict(engine, features, collate, batch_size: int, squad: bool) -> list | N
 
     Rank r takes the contiguous block r of the features, padded to the same length on
     every rank (with copies of feature 0): under ZeRO-3 each forward gathers parameters
-    collectively, so all ranks must run the same number of forward passes.
+    collectively, so all ranks must run the same number of forward passes.  Within its
+    block a rank runs the features shortest first (less padding per batch) and puts the
+    outputs back in feature order.
     """
     n, world, rank = len(features), sharding.world_size(), sharding.rank()
     per = math.ceil(n / world)
-    mine = list(range(rank * per, min(n, (rank + 1) * per)))
-    index = mine + [0] * (per - len(mine))
+    mine = range(rank * per, min(n, (rank + 1) * per))
+    lengths = [len(ids) for ids in features.select(mine)["input_ids"]]
+    order = sorted(range(len(mine)), key=lengths.__getitem__)
+    index = [mine[i] for i in order] + [0] * (per - len(mine))
     inputs = features.select_columns([c for c in MODEL_INPUTS if c in features.column_names]).select(index)
     rows = []
     engine.eval()
@@ -358,7 +367,10 @@ def predict(engine, features, collate, batch_size: int, squad: bool) -> list | N
         else:
             rows += list(out.logits.float().cpu().numpy())
     engine.train()
-    return gather_to_rank0(rows[:len(mine)])
+    in_feature_order = [None] * len(mine)
+    for row, i in zip(rows, order):  # the padding rows (beyond len(mine)) drop out here
+        in_feature_order[i] = row
+    return gather_to_rank0(in_feature_order)
 
 
 def evaluate(engine, data: TaskData, collate, batch_size: int) -> dict[str, float]:
@@ -471,10 +483,11 @@ def run_seed(args: FinetuneArguments, data: TaskData, seed: int, ds_config: dict
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer (and the schedule) at the accumulation boundary
-            window["loss"] += float(loss.detach())
+            loss = float(loss.detach())
+            window["loss"] += loss
             window["n"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
-        monitor.step(loss=float(loss))
+        monitor.step(loss=loss)
 
         if step % args.logging_steps == 0 or step == total:
             log_train(monitor, step, tag, scheduler, window)
@@ -609,13 +622,18 @@ def finetune(args: FinetuneArguments) -> dict:
     mask = parse_mask(args.mask)
     mask_file = read_mask_file(mask.path) if mask.kind == "file" else None
     eng.init_distributed()
+    if sharding.rank() != 0:  # one copy of the load reports and progress bars
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
     ds_config = eng.load_ds_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
                                    grad_accum=args.gradient_accumulation_steps, grad_clip=args.max_grad_norm)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    tasks = {name: load_data(args, name, tokenizer) for name in names}  # every input error before any training
-
-    if mask.kind == "file":  # the mask must fit the model before anything is written
-        mask = dataclasses.replace(mask, sparsity=mask_file_sparsity(args.model_name_or_path, mask, mask_file))
+    # Every input error comes before any training and before anything is written.
+    tasks = {name: load_data(args, name, tokenizer) for name in names}
+    task_masks = {name: mask_for_task(args, data.spec, mask, mask_file) for name, data in tasks.items()}
 
     study = args.tasks is not None
     task_dirs = {n: os.path.join(args.output_dir, slug(n)) if study else args.output_dir for n in names}
@@ -630,8 +648,9 @@ def finetune(args: FinetuneArguments) -> dict:
             model_dir = None
             if args.save_model:
                 model_dir = os.path.join(out_dir, "model" if len(seeds) == 1 else f"model_seed{seed}")
-            per_seed.append(run_seed(args, data, seed, ds_config, tokenizer, mask, mask_file, monitor, model_dir))
-            results = summarize(args, data, mask, ds_config, seeds, per_seed)
+            per_seed.append(run_seed(args, data, seed, ds_config, tokenizer, task_masks[name], mask_file, monitor,
+                                     model_dir))
+            results = summarize(args, data, task_masks[name], ds_config, seeds, per_seed)
             write_results(os.path.join(out_dir, "results.json"), results)  # after every seed: nothing done is lost
         best = results["best"]
         monitor.write(f"{data.spec.name}: best " + ", ".join(f"{k} {v['mean']:.2f} ± {v['std']:.2f}"
