@@ -55,6 +55,7 @@ CASES = {
     "txt, in-process": (dict(train_files=["txt"]), 0, 1),
     "jsonl.gz, 2 workers": (dict(train_files=["jsonl.gz"], dataloader_num_workers=2), 0, 1),
     "parquet shards, rank 1 of 2": (dict(train_files=["parquet-dir"]), 1, 2),
+    "3 parquet files strided over 2 ranks x 2 workers": (dict(train_files=["parquet-dir"], dataloader_num_workers=2), 1, 2),
     "mixture, 2 workers": (dict(train_files=["small", "other"], mix_weights=[0.6, 0.4], dataloader_num_workers=2), 0, 1),
     "carved validation, 2 workers": (dict(train_files=["txt"], validation_blocks=6, dataloader_num_workers=2), 0, 1),
 }
@@ -135,6 +136,14 @@ def test_exact_resume_after_sigkill(files, tok, tmp_path):
     for j, batch in enumerate(after):
         for key in ("input_ids", "labels"):
             assert torch.equal(batch[key], ref[step + j][key]), f"batch {step + j} {key} differs after the kill"
+
+
+def test_reader_plan_pickles_for_spawned_workers(files, tok):
+    ld = loader(make_args(train_files=[files["txt"]], dataloader_num_workers=2), tok, mlm=True)
+    plan = pickle.loads(pickle.dumps(ld._plan))  # what a spawn / forkserver DataLoader sends each worker
+    first = next(iter(ld))
+    batch, _ = next(plan.batches(0, None))
+    assert torch.equal(batch["input_ids"], first["input_ids"]) and torch.equal(batch["labels"], first["labels"])
 
 
 def test_resume_refuses_another_layout(files, tok):

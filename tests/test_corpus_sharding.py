@@ -95,8 +95,10 @@ def test_mixing_weights_hold(tmp_path, docs, tok):
         assert len(seen) > 1500
         assert abs(share_b - weights[1]) < 0.04, (weights, share_b)
     args = make_args(train_files=[str(fa), str(fb)], mix_weights=[1.0, 0.0])
-    seen = recover_docs(bodies(take(loader(args, tok), 20)), tok, docs)
+    ld = loader(args, tok)
+    seen = recover_docs(bodies(take(ld, 30)), tok, docs)
     assert not index_b & set(seen)
+    assert ld.epoch == 1  # epochs count the sources that are drawn from
 
 
 def test_validation_set_is_split_evenly_and_disjointly_over_ranks(layouts, tok):

@@ -198,7 +198,7 @@ class _Plan:
         for i, (spec, ds) in enumerate(zip(self.specs, self.datasets)):
             held = self.held_out if i == 0 else None
             share = reader_share(ds.num_shards, reader, self.num_readers, held, self.sizes[i])
-            cursors.append(DocCursor(ds, share, label=spec.label, chunk_docs=CHUNK_DOCS, text_column=spec.text_column))
+            cursors.append(DocCursor(ds, share, label=spec.label, text_column=spec.text_column))
         mixer = DocMixer(cursors, self.weights, seed=[self.seed % (1 << 63), reader])
         where = f"rank {self.rank} worker {worker} (reader {reader} of {self.num_readers})"
         return Packer(mixer, self.encoder, self.fmt, chunk_docs=CHUNK_DOCS, where=where)

@@ -20,6 +20,9 @@ from .errors import CorpusError
 
 # Tokenisers report a huge model_max_length when the model does not fix one.
 _NO_LIMIT = 1_000_000
+# A tokenisation chunk also ends after this many characters, so that long documents
+# (books, whole files) keep the buffer at a few MB.
+CHUNK_CHARS = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -163,10 +166,12 @@ class Packer:
 
     def _read_chunk(self) -> tuple[np.ndarray, int]:
         texts, epochs, fractions = [], [], []
-        for _ in range(self.chunk_docs):
+        chars = 0
+        while len(texts) < self.chunk_docs and chars < CHUNK_CHARS:
             texts.append(self.docs.next_doc())
             epochs.append(self.docs.epoch)
             fractions.append(self.docs.epoch_fraction)
+            chars += len(texts[-1])
         ids = self.encoder(texts)
         sep = 1 if self.fmt.doc_sep is not None else 0
         if not self._first_pass_done:

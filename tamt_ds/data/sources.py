@@ -42,6 +42,7 @@ JSON_EXTENSIONS = (".jsonl", ".json", ".ndjson")
 PARQUET_EXTENSIONS = (".parquet",)
 COMPRESSION_EXTENSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 SAMPLE_BY = ("line", "paragraph", "document")
+MAX_RAW_PER_READ = 8192
 
 # Short hub names of the classic pre-training corpora -> (repository, default config,
 # revision). The canonical repositories moved under organisations; "bookcorpus" is a
@@ -324,12 +325,13 @@ class DocCursor:
     follow are exactly those the uninterrupted cursor would have produced.
     """
 
-    def __init__(self, ds, share: ReaderShare, *, label: str, chunk_docs: int = 256, text_column: str = "text"):
+    def __init__(self, ds, share: ReaderShare, *, label: str, chunk_docs: int = 64, text_column: str = "text"):
         self._ds = ds
         self._share = share
         self._label = label
         self._column = text_column
-        self._chunk_raw = chunk_docs * share.stride  # raw examples per read, so ~chunk_docs are kept
+        # Raw examples per read: ~chunk_docs kept, capped for strided readers of many ranks.
+        self._chunk_raw = min(chunk_docs * share.stride, MAX_RAW_PER_READ)
         self.epoch = 0
         self._stream = 0
         self._chunk_state: dict | None = None  # datasets state before the current chunk (None: stream start)
@@ -444,11 +446,12 @@ class DocMixer:
     position, so a resumed run draws the same sources in the same order.
     """
 
-    def __init__(self, cursors: list[DocCursor], weights: list[float] | None, seed: int):
+    def __init__(self, cursors: list[DocCursor], weights: list[float] | None, seed):
         self.cursors = cursors
         w = np.asarray(weights if weights is not None else [1.0] * len(cursors), dtype=np.float64)
         self._cum = np.cumsum(w / w.sum())
         self._rng = np.random.default_rng(seed)
+        self._drawn = [c for c, x in zip(cursors, w) if x > 0]  # a zero-weight source never ends an epoch
 
     def next_doc(self) -> str:
         if len(self.cursors) == 1:
@@ -458,12 +461,13 @@ class DocMixer:
 
     @property
     def epoch(self) -> int:
-        return min(c.epoch for c in self.cursors)
+        return min(c.epoch for c in self._drawn)
 
     @property
     def epoch_fraction(self) -> float | None:
         # The mixture's epoch ends when its slowest sources finish their pass.
-        behind = [c.epoch_fraction for c in self.cursors if c.epoch == self.epoch]
+        epoch = self.epoch
+        behind = [c.epoch_fraction for c in self._drawn if c.epoch == epoch]
         return None if any(f is None for f in behind) else min(behind)
 
     @property
