@@ -197,6 +197,13 @@ def test_one_rank_without_a_block_fails_on_first_batch_not_hang(tmp_path, tok):
         take(ok, 3)
         with pytest.raises(CorpusError, match="corpus too short"):
             take(short, 1)
+    # The same from a DataLoader worker process: still one line, still no hang.
+    write_text(tmp_path / "c.txt", DOCS[100:200])
+    write_text(tmp_path / "d.txt", DOCS[:100])
+    args = make_args(train_files=[str(tmp_path)], dataloader_num_workers=2)  # 4 files, 4 readers: b.txt is rank 0 worker 1's
+    with deadline(60), pytest.raises(CorpusError, match="corpus too short: a full pass gives rank 0 worker 1") as e:
+        take(loader(args, tok, rank=0, world_size=2), 3)
+    assert "\n" not in str(e.value)
 
 
 def test_undecodable_bytes_are_skipped_and_counted(tmp_path, tok):

@@ -246,6 +246,12 @@ class _RankStream(torch.utils.data.IterableDataset):
         return self.plan.batches(worker, self.states[worker])
 
 
+def _last_line(message: str) -> str:
+    line = message.strip().splitlines()[-1] if message.strip() else message
+    prefix = f"{CorpusError.__module__}.{CorpusError.__name__}: "
+    return line[len(prefix) :] if line.startswith(prefix) else line
+
+
 def _identity(x):
     return x
 
@@ -291,14 +297,19 @@ class BlockLoader:
                 )
             )
         self._rate.clear()
-        for batch, state in source:
-            w = state["worker"]
-            self._states[w] = state
-            self._next_worker = (w + 1) % plan.readers_per_rank
-            self.blocks_seen += batch["input_ids"].shape[0]
-            self.tokens_seen += int(batch["attention_mask"].sum())
-            self._rate.append((time.monotonic(), self.blocks_seen))
-            yield batch
+        try:
+            for batch, state in source:
+                w = state["worker"]
+                self._states[w] = state
+                self._next_worker = (w + 1) % plan.readers_per_rank
+                self.blocks_seen += batch["input_ids"].shape[0]
+                self.tokens_seen += int(batch["attention_mask"].sum())
+                self._rate.append((time.monotonic(), self.blocks_seen))
+                yield batch
+        except CorpusError as exc:
+            # A worker's error arrives wrapped in torch's multi-line traceback text; keep
+            # the one line that names the fix.
+            raise CorpusError(_last_line(str(exc))) from None
 
     # -- progress -------------------------------------------------------------
     @property
