@@ -36,10 +36,24 @@ def deepspeed_run(tiny_bert, tmp_path_factory):
     return out, proc
 
 
-def test_output_contract(deepspeed_run, tiny_bert):
+@pytest.fixture(scope="module")
+def bf16_run(tiny_bert, tmp_path_factory):
+    """torchrun, ZeRO-3 in bf16: frozen weights live in bf16 inside the engine."""
+    tmp = tmp_path_factory.mktemp("bf16")
+    cfg = json.loads((ROOT / "ds_configs" / "zero3_bf16.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp / "ds.json").write_text(json.dumps(cfg))
+    args = common(tiny_bert, tmp / "run", "--max_steps", "4", "--save_steps", "4")
+    args[args.index("--deepspeed") + 1] = str(tmp / "ds.json")
+    torchrun(LAUNCHER, *args)
+    return tmp / "run", None
+
+
+@pytest.mark.parametrize("run", ["deepspeed_run", "bf16_run"])
+def test_output_contract(run, request, tiny_bert):
     from transformers import AutoModel
 
-    out, _ = deepspeed_run
+    out, _ = request.getfixturevalue(run)
     for name in ("mask.pt", "pruned_model", "metrics.jsonl", "run_config.json", "tensorboard", "checkpoints"):
         assert (out / name).exists(), name
     mask = torch.load(out / "mask.pt", weights_only=True)
@@ -108,3 +122,15 @@ def test_resume_after_kill_gives_identical_masks(tiny_bert, tmp_path):
         assert torch.equal(a[key], b[key]), key
     last = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines() if "train/loss" in l][-1]
     assert last["step"] == 24 and last["mask/distance_to_init"] > 0  # the masks really moved
+
+
+def test_mpirun_launch(tiny_bert, tmp_path):
+    """MPI discovery: `mpirun -np 2 python launchers/search.py` (MPI from the mpich wheel)."""
+    mpirun = Path(sys.executable).parent / "mpirun"
+    out = tmp_path / "mpi"
+    proc = subprocess.run([str(mpirun), "-np", "2", "-genv", "OMP_NUM_THREADS", "1", sys.executable, str(LAUNCHER),
+                           *common(tiny_bert, out, "--max_steps", "2", "--save_steps", "2")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+    assert (out / "mask.pt").exists() and (out / "pruned_model" / "config.json").exists()
