@@ -189,7 +189,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
                   f"world size {sharding.world_size()} | {eng.precision(ds_config)} | "
                   f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
     batches = iter(loader)
-    window = {"t": time.perf_counter(), "tokens": 0, "terms": {}, "n": 0}
+    window = {"t": time.perf_counter(), "tokens": 0, "blocks": 0, "terms": {}, "n": 0}
     while step < args.max_steps:
         for _ in range(args.gradient_accumulation_steps):
             batch = to_device(next(batches), device)
@@ -197,6 +197,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
             engine.backward(terms["loss"])
             engine.step()
             window["tokens"] += int(batch["attention_mask"].sum())
+            window["blocks"] += batch["input_ids"].shape[0]
             for k, v in terms.items():
                 window["terms"][k] = window["terms"].get(k, 0.0) + float(v.detach())
             window["n"] += 1
@@ -206,7 +207,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
         monitor.step(loss=float(terms["loss"].detach()))
 
         if step % args.logging_steps == 0 or step == args.max_steps:
-            log_step(monitor, step, masks, scheduler, window)
+            log_step(monitor, step, masks, scheduler, window, loader)
         if args.eval_steps and (step % args.eval_steps == 0 or step == args.max_steps) and eval_batches:
             monitor.log(step, evaluate(engine, masks, eval_batches, device, args.objective))
         if step % args.save_steps == 0 or step == args.max_steps:
@@ -221,10 +222,14 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     return final
 
 
-def log_step(monitor: Monitor, step: int, masks, scheduler, window: dict) -> None:
-    """Loss terms averaged over the window and ranks, mask statistics from the live masks."""
+def log_step(monitor: Monitor, step: int, masks, scheduler, window: dict, loader) -> None:
+    """Loss terms averaged over the window and ranks, mask statistics from the live masks,
+    corpus progress summed over ranks."""
     names = sorted(window["terms"])
-    values = torch.tensor([window["terms"][k] / window["n"] for k in names] + [window["tokens"]], dtype=torch.float64)
+    progress = loader.progress()
+    values = torch.tensor([window["terms"][k] / window["n"] for k in names] + [progress["tokens_seen"],
+                          progress["blocks_seen"], window["blocks"], window["tokens"]],
+                          dtype=torch.float64)
     sharding.all_reduce_(values)
     world = sharding.world_size()
     elapsed = time.perf_counter() - window["t"]
@@ -235,14 +240,18 @@ def log_step(monitor: Monitor, step: int, masks, scheduler, window: dict) -> Non
         "mask/sparsity": stats["sparsity"], "mask/change_since_last_log": stats["mask_change"],
         "mask/distance_to_init": stats["distance_to_init"],
         "perf/tokens_per_s": float(values[-1]) / elapsed, **{f"perf/{k}": v for k, v in memory_mb().items()},
+        "data/tokens_seen": float(values[-4]), "data/blocks_seen": float(values[-3]),
+        "data/blocks_per_s": float(values[-2]) / elapsed, "data/epoch": progress["epoch"],
     })
+    if progress["epoch_fraction"] is not None:
+        scalars["data/epoch_fraction"] = progress["epoch_fraction"]
     per = stats["per_matrix"]
     monitor.log(step, scalars, groups={
         "sparsity": {n: v["sparsity"] for n, v in per.items()},
         "threshold": {n: v["threshold"] for n, v in per.items()},
         "distance_to_init": {n: v["distance_to_init"] for n, v in per.items()},
     })
-    window.update(t=time.perf_counter(), tokens=0, terms={}, n=0)
+    window.update(t=time.perf_counter(), tokens=0, blocks=0, terms={}, n=0)
 
 
 def main(argv=None) -> int:

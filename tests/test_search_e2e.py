@@ -78,9 +78,11 @@ def test_one_log_stream_with_the_promised_scalars(deepspeed_run):
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [2, 4, 6]  # one stream, not one per rank
     for key in ("train/kd_loss", "mask/sparsity", "mask/change_since_last_log", "mask/distance_to_init",
-                "train/learning_rate", "perf/tokens_per_s"):
+                "train/learning_rate", "perf/tokens_per_s", "data/tokens_seen", "data/blocks_per_s"):
         assert key in train[-1], key
     assert any("eval/kd_loss" in r for r in rows)
+    # 6 steps x 2 ranks x 4 blocks of 32 tokens, all real text
+    assert train[-1]["data/blocks_seen"] == 6 * 2 * 4 and train[-1]["data/tokens_seen"] == 6 * 2 * 4 * 32
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["deepspeed"]["zero_optimization"]["stage"] == 3
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
