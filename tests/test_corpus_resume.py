@@ -57,6 +57,7 @@ CASES = {
     "parquet shards, rank 1 of 2": (dict(train_files=["parquet-dir"]), 1, 2),
     "3 parquet files strided over 2 ranks x 2 workers": (dict(train_files=["parquet-dir"], dataloader_num_workers=2), 1, 2),
     "mixture, 2 workers": (dict(train_files=["small", "other"], mix_weights=[0.6, 0.4], dataloader_num_workers=2), 0, 1),
+    "mixture with parquet, in-process": (dict(train_files=["parquet-dir", "other"], mix_weights=[0.8, 0.2]), 0, 1),
     "carved validation, 2 workers": (dict(train_files=["txt"], validation_blocks=6, dataloader_num_workers=2), 0, 1),
 }
 
@@ -71,12 +72,13 @@ def _args(files, overrides):
 def test_resume_reproduces_the_uninterrupted_stream(case, files, tok):
     overrides, rank, world = CASES[case]
     args = _args(files, overrides)
-    ref, states = [], []
+    ref, states, progress = [], [], []
     ld = loader(args, tok, rank=rank, world_size=world, seed=7, mlm=True)
     with deadline(120):
         for batch in ld:
             ref.append(batch)
             states.append(pickle.loads(pickle.dumps(ld.state_dict())))  # what a checkpoint stores
+            progress.append((ld.epoch, ld.epoch_fraction, ld.tokens_seen))
             if len(ref) == 60:
                 break
         assert ld.epoch >= 1, "the case must cross an epoch boundary"
@@ -86,6 +88,7 @@ def test_resume_reproduces_the_uninterrupted_stream(case, files, tok):
             for j, batch in zip(range(k + 1, 60), resumed):
                 for key in ("input_ids", "attention_mask", "labels"):
                     assert torch.equal(batch[key], ref[j][key]), f"{case}: resumed after batch {k}, batch {j} {key} differs"
+                assert (resumed.epoch, resumed.epoch_fraction, resumed.tokens_seen) == progress[j]
             assert resumed.blocks_seen == ld.blocks_seen and resumed.tokens_seen == ld.tokens_seen
 
 

@@ -344,6 +344,7 @@ class DocCursor:
         self._it = None
         self._raw_done = 0  # raw examples of finished streams in this epoch
         self._kept_in_epoch = 0
+        self._done_raw = 0  # raw examples of the current stream behind the last document handed out
         self.raw_per_epoch = share.raw_per_epoch
         self.undecodable_bytes = 0
 
@@ -352,6 +353,7 @@ class DocCursor:
         while self._taken >= len(self._docs):
             self._next_chunk()
         doc = self._docs[self._taken]
+        self._done_raw = self._doc_raw[self._taken] + 1
         self._taken += 1
         self._kept_in_epoch += 1
         return doc
@@ -391,6 +393,7 @@ class DocCursor:
 
     def _end_of_stream(self) -> None:
         self._raw_done += self._chunk_start
+        self._done_raw = 0
         self._stream += 1
         self._chunk_state, self._chunk_start, self._chunk_len, self._taken = None, 0, 0, 0
         self._docs, self._doc_raw, self._it, self._live = [], [], None, None
@@ -409,8 +412,7 @@ class DocCursor:
     def epoch_fraction(self) -> float | None:
         if not self.raw_per_epoch:
             return None
-        done = self._doc_raw[self._taken - 1] + 1 if self._taken else self._chunk_start  # raw examples behind us
-        return min(1.0, (self._raw_done + done) / self.raw_per_epoch)
+        return min(1.0, (self._raw_done + self._done_raw) / self.raw_per_epoch)
 
     # -- state --------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -422,6 +424,7 @@ class DocCursor:
             "taken": self._taken,
             "raw_done": self._raw_done,
             "kept_in_epoch": self._kept_in_epoch,
+            "done_raw": self._done_raw,
             "raw_per_epoch": self.raw_per_epoch,
         }
 
@@ -433,6 +436,7 @@ class DocCursor:
         self._taken = state["taken"]
         self._raw_done = state["raw_done"]
         self._kept_in_epoch = state["kept_in_epoch"]
+        self._done_raw = state["done_raw"]
         self.raw_per_epoch = state["raw_per_epoch"]
         self._docs, self._doc_raw, self._it, self._live, self._chunk_len = [], [], None, None, 0
 
