@@ -80,16 +80,19 @@ def load_model(name_or_path: str, *, with_mlm_head: bool, ds_config: dict | None
     return model
 
 
-def load_task_model(name_or_path: str, *, head: str, ds_config: dict | None = None, **kwargs) -> nn.Module:
-    """The pre-trained backbone with a new downstream head: "classification" (also
-    regression, num_labels=1) or "question_answering" (SQuAD start/end logits).
-    Config overrides (num_labels, id2label, problem_type) go in kwargs."""
+def task_model_class(head: str):
+    """The transformers Auto class of a downstream head: "classification" (also regression,
+    num_labels=1) or "question_answering" (SQuAD start/end logits)."""
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-    auto_cls = {"classification": AutoModelForSequenceClassification,
-                "question_answering": AutoModelForQuestionAnswering}[head]
+    return {"classification": AutoModelForSequenceClassification, "question_answering": AutoModelForQuestionAnswering}[head]
+
+
+def load_task_model(name_or_path: str, *, head: str, ds_config: dict | None = None, **kwargs) -> nn.Module:
+    """The pre-trained backbone with a new downstream head (see task_model_class); config
+    overrides (num_labels, id2label, problem_type) go in kwargs."""
     with zero3_init(ds_config):
-        return _from_pretrained(auto_cls, resolve_model_path(name_or_path), **kwargs)
+        return _from_pretrained(task_model_class(head), resolve_model_path(name_or_path), **kwargs)
 
 
 def load_original_backbone(name_or_path: str) -> nn.Module:

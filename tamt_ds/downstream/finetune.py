@@ -40,7 +40,8 @@ from tamt_ds.downstream.tasks import KNOWN_TASKS, LOCAL_PREFIX, TaskError, TaskS
 from tamt_ds.export import replace_dir
 from tamt_ds.maskfile import masks_for_model, read_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, MaskSet, attach_masks
-from tamt_ds.models import DEFAULT_MODEL, ModelError, load_task_model, load_tokenizer
+from tamt_ds.models import DEFAULT_MODEL, ModelError, load_task_model, load_tokenizer, resolve_model_path, \
+    task_model_class, zero3_init
 from tamt_ds.monitor import Monitor, memory_mb
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -177,23 +178,22 @@ class TaskData:
     spec: TaskSpec
     train: object  # datasets.Dataset of raw examples (the full train split)
     evals: dict  # split -> (raw examples, tokenised features)
-    _train_features: object = None  # cached when every seed trains on the same examples
+    _cache: tuple = (None, None)  # (subset seed or None, train features): tokenised once per subset
 
     def train_features(self, args: FinetuneArguments, tokenizer, seed: int):
-        if args.train_subset is None and self._train_features is not None:
-            return self._train_features
-        raw = _subset(self.train, args.train_subset, seed) if args.train_subset is not None else self.train
-        feats = tokenize_split(self.spec, raw, tokenizer, max_seq_length=args.max_seq_length,
-                               doc_stride=args.doc_stride, train=True)
-        if args.train_subset is None:
-            self._train_features = feats
-        return feats
+        key = seed if args.train_subset is not None else None  # the subset depends on the seed
+        if self._cache[1] is None or self._cache[0] != key:
+            raw = _subset(self.train, args.train_subset, seed) if args.train_subset is not None else self.train
+            self._cache = (key, tokenize_split(self.spec, raw, tokenizer, max_seq_length=args.max_seq_length,
+                                               doc_stride=args.doc_stride, train=True))
+        return self._cache[1]
 
 
 def load_data(args: FinetuneArguments, name: str, tokenizer) -> TaskData:
     text_columns = tuple(c.strip() for c in args.text_columns.split(",")) if args.text_columns else None
-    spec, splits = load_task(name, data_dir=data_dir_for(args, name),
-                             text_columns=text_columns if name.startswith(LOCAL_PREFIX) else None)
+    if args.tasks is not None and not name.startswith(LOCAL_PREFIX):
+        text_columns = None  # a study may mix local and hub tasks: --text_columns is for the local ones
+    spec, splits = load_task(name, data_dir=data_dir_for(args, name), text_columns=text_columns)
     if args.train_subset is not None:
         _subset(splits["train"], args.train_subset, 0)  # a bad N fails now, with the task's size in the message
     evals = {split: (splits[split], tokenize_split(spec, splits[split], tokenizer, max_seq_length=args.max_seq_length,
@@ -230,7 +230,7 @@ def tamt_matrices(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, (nn.Linear, nn.Embedding)) and any(r.search(n) for r in regexes)]
 
 
-def fix_mask(model: nn.Module, mask: MaskSpec, mask_file: dict | None) -> MaskSet | None:
+def fix_mask(model: nn.Module, mask: MaskSpec, mask_file: dict | None, mask_seed: int = 0) -> MaskSet | None:
     """Attach the fixed mask: frozen scores whose cut is the mask; pruned weights := 0."""
     if mask.kind == "dense":
         return None
@@ -240,7 +240,7 @@ def fix_mask(model: nn.Module, mask: MaskSpec, mask_file: dict | None) -> MaskSe
         masks.fix_counts(file_masks)  # keep exactly the file's mask, whatever its per-matrix counts
         masks.init_scores("file", mask_file=file_masks)
     else:
-        masks.init_scores("magnitude" if mask.kind == "omp" else "random", seed=0)
+        masks.init_scores("magnitude" if mask.kind == "omp" else "random", seed=mask_seed)
     for p in masks.scores:
         p.requires_grad_(False)
     # Before deepspeed.initialize, so that its fp32 master copies start from the zeros too.
@@ -254,18 +254,15 @@ def mask_for_task(args: FinetuneArguments, spec: TaskSpec, mask: MaskSpec, mask_
     counted over that model's masked matrices (a QA model has no pooler, for one)."""
     if mask.kind != "file":
         return mask
-    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
-    from tamt_ds.models import resolve_model_path, zero3_init
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path))
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {args.model_name_or_path!r} ({str(e).strip().splitlines()[0]}): pass "
                          f"--model_name_or_path with a local model directory or a reachable hub name") from e
-    auto = AutoModelForQuestionAnswering if spec.kind == "squad" else AutoModelForSequenceClassification
     with zero3_init(None), torch.device("meta"):
-        model = auto.from_config(config)
+        model = task_model_class(head_of(spec)).from_config(config)
     fitted = masks_for_model(mask_file, model, attach_masks(model, TAMT_PATTERNS, sparsity=0.0), mask.path)
     sparsity = sum(int((~m).sum()) for m in fitted.values()) / sum(m.numel() for m in fitted.values())
     return dataclasses.replace(mask, sparsity=sparsity)
@@ -406,7 +403,7 @@ def full_weight(p: nn.Parameter) -> torch.Tensor:
 
 
 @torch.no_grad()
-def save_model(model: nn.Module, masks: MaskSet | None, tokenizer, out_dir: str) -> None:
+def save_model(model: nn.Module, masks: MaskSet | None, tokenizer, head: str, out_dir: str) -> None:
     """A plain transformers checkpoint: no mask_score, pruned weights exactly 0 (checked).
     Parameters are consolidated one at a time; rank 0 writes, into a temporary
     directory that replaces out_dir only when complete."""
@@ -426,18 +423,9 @@ def save_model(model: nn.Module, masks: MaskSet | None, tokenizer, out_dir: str)
             full = full * keep[weight_of[name]]  # a no-op, as just checked: the mask is in the weights
         state[name] = full
     if sharding.rank() == 0:
-        from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
-        from tamt_ds.models import zero3_init
-
-        auto = AutoModelForQuestionAnswering if "QuestionAnswering" in type(model).__name__ \
-            else AutoModelForSequenceClassification
-        with zero3_init(None):
-            plain = auto.from_config(model.config)
-        plain.load_state_dict(state, strict=False)
-        missing = {n for n, _ in plain.named_parameters()} - set(state)
-        if missing:
-            raise RuntimeError(f"saved model lacks {sorted(missing)[:3]}")
+        with zero3_init(None):  # a plain, whole model: the layout save_pretrained writes
+            plain = task_model_class(head).from_config(model.config)
+        plain.load_state_dict(state, strict=True)  # every parameter, and no mask_score
         parent = os.path.dirname(os.path.abspath(out_dir))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-model-")
@@ -459,7 +447,7 @@ def run_seed(args: FinetuneArguments, data: TaskData, seed: int, ds_config: dict
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # same on every rank: the new head starts identical everywhere
     model = load_model_for(args, spec, ds_config)
-    masks = fix_mask(model, mask, mask_file)
+    masks = fix_mask(model, mask, mask_file, args.mask_seed)
 
     features = data.train_features(args, tokenizer, seed)
     collate = DataCollatorWithPadding(tokenizer)
@@ -504,13 +492,17 @@ def run_seed(args: FinetuneArguments, data: TaskData, seed: int, ds_config: dict
     if sparsity["pruned_nonzero"] or sparsity["pruned_nonzero_fp32_master"]:
         raise RuntimeError(f"the mask leaked: {sparsity['pruned_nonzero']} pruned weights are not zero")
     if model_dir is not None:
-        save_model(model, masks, tokenizer, model_dir)
+        save_model(model, masks, tokenizer, head_of(spec), model_dir)
     engine.destroy()  # releases ZeRO-3's hooks and buffers before the next seed builds its engine
     del engine, model, masks
     gc.collect()
     return {"seed": seed, "steps": total, "best_step": best_step, "best": best, "final": final,
             "history": history, "sparsity": sparsity, "train_time_s": time.perf_counter() - t0,
             **({"model_dir": model_dir} if model_dir else {})}
+
+
+def head_of(spec: TaskSpec) -> str:
+    return "question_answering" if spec.kind == "squad" else "classification"
 
 
 def load_model_for(args: FinetuneArguments, spec: TaskSpec, ds_config: dict) -> nn.Module:
