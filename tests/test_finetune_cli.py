@@ -102,11 +102,13 @@ def bad_inputs(tmp_path_factory, tiny_bert):
     from transformers import AutoModel
 
     full = {k: torch.ones_like(v, dtype=torch.bool) for k, v in AutoModel.from_pretrained(tiny_bert).state_dict().items()
-            if k.endswith(".weight") and v.dim() == 2}
+            if k.endswith(".weight") and v.dim() == 2 and "position" not in k and "token_type" not in k}
     wrong_mask = tmp / "wrong_mask.pt"  # a mask for another model: one matrix with another shape
     torch.save({**full, "encoder.layer.0.attention.self.query.weight": torch.ones(48, 48, dtype=torch.bool)}, wrong_mask)
-    missing_mask = tmp / "missing_mask.pt"  # a mask that lacks matrices of this model
-    torch.save({"encoder.layer.0.attention.self.query.weight": torch.ones(32, 32, dtype=torch.bool)}, missing_mask)
+    alien_mask = tmp / "alien_mask.pt"  # a mask for a deeper model: a layer this one does not have
+    torch.save({**full, "encoder.layer.5.attention.self.query.weight": torch.ones(32, 32, dtype=torch.bool)}, alien_mask)
+    not_tamt_mask = tmp / "not_tamt_mask.pt"  # position embeddings are not masked by TAMT
+    torch.save({**full, "embeddings.position_embeddings.weight": torch.ones(136, 32, dtype=torch.bool)}, not_tamt_mask)
     taken = tmp / "taken"
     taken.mkdir()
     (taken / "results.json").write_text('{"earlier": true}\n')
@@ -121,7 +123,8 @@ def bad_inputs(tmp_path_factory, tiny_bert):
         "labels_differ": ["--task", f"local:{bad_labels}", *common],
         "squad_layout": ["--task", "squad", "--data_dir", str(squad), *common],
         "mask_shape": ["--task", f"local:{good}", "--mask", str(wrong_mask), *common],
-        "mask_lacks_matrix": ["--task", f"local:{good}", "--mask", str(missing_mask), *common],
+        "mask_alien_matrix": ["--task", f"local:{good}", "--mask", str(alien_mask), *common],
+        "mask_not_tamt": ["--task", f"local:{good}", "--mask", str(not_tamt_mask), *common],
         "mask_no_file": ["--task", f"local:{good}", "--mask", str(tmp / "nope.pt"), *common],
         "mask_bad_sparsity": ["--task", f"local:{good}", "--mask", "omp:1.5", *common],
         "bad_model": ["--task", f"local:{good}", *common, "--model_name_or_path", str(tmp / "no_model")],
@@ -144,7 +147,9 @@ def bad_inputs(tmp_path_factory, tiny_bert):
     ("labels_differ", ["'vehicle'", "not in train's label set"]),
     ("squad_layout", ["not in the official SQuAD layout"]),
     ("mask_shape", ["has shape (48, 48)", "(32, 32)", "another model"]),
-    ("mask_lacks_matrix", ["has no mask for", "another model"]),
+    ("mask_alien_matrix", ["encoder.layer.5.attention.self.query.weight", "not one of the model's 14 masked",
+                           "another model"]),
+    ("mask_not_tamt", ["embeddings.position_embeddings.weight", "TAMT does not mask", "drop that entry"]),
     ("mask_no_file", ["no such file", "omp:S"]),
     ("mask_bad_sparsity", ["[0, 1)", "omp:0.7"]),
     ("bad_model", ["cannot load", "--model_name_or_path"]),

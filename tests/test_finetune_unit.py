@@ -71,6 +71,40 @@ def test_file_mask_with_any_per_matrix_counts_is_kept_exactly(tiny_bert):
         assert (s.weight.detach()[~file_masks[s.name]] == 0).all()
 
 
+def test_a_mask_file_may_leave_matrices_dense_but_not_name_others(tiny_bert):
+    from tamt_ds.downstream.finetune import mask_for_task
+    from tamt_ds.downstream.tasks import TaskSpec
+    from tamt_ds.masking import MaskError
+
+    spec = TaskSpec("local:x", "classification", 3, ("a", "b", "c"), ("sentence",), "accuracy", ("validation",))
+    args = FinetuneArguments(model_name_or_path=tiny_bert)
+    g = torch.Generator().manual_seed(0)
+    encoder_only = {f"encoder.layer.{i}.{m}.weight": torch.rand(shape, generator=g) > 0.7
+                    for i in range(2) for m, shape in (("attention.self.query", (32, 32)), ("attention.self.key", (32, 32)),
+                                                       ("attention.self.value", (32, 32)),
+                                                       ("attention.output.dense", (32, 32)),
+                                                       ("intermediate.dense", (64, 32)), ("output.dense", (32, 64)))}
+    mask = mask_for_task(args, spec, MaskSpec("file", path="m.pt"), encoder_only)
+    assert mask.unmasked == ("embeddings.word_embeddings.weight", "pooler.dense.weight")
+    zeros = sum(int((~m).sum()) for m in encoder_only.values())
+    assert mask.sparsity == zeros / sum(m.numel() for m in encoder_only.values())
+    model = tiny_classifier(tiny_bert)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = fix_mask(model, mask, encoder_only)
+    assert len(masks) == 12 and not hasattr(model.bert.embeddings.word_embeddings, "mask_score")
+    for s in masks:
+        keep, w0 = encoder_only[s.name.removeprefix("bert.") + ".weight"], before[s.name + ".weight"]
+        assert torch.equal(s.weight.detach(), torch.where(keep, w0, torch.zeros(())))
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, before["bert.embeddings.word_embeddings.weight"])
+    for bad, why in (({**encoder_only, "encoder.layer.2.output.dense.weight": torch.ones(32, 64, dtype=torch.bool)},
+                      "another model"),
+                     ({"pooler.dense.weight": torch.ones(3, 3, dtype=torch.bool)}, "another model"),
+                     ({**encoder_only, "embeddings.position_embeddings.weight": torch.ones(136, 32, dtype=torch.bool)},
+                      "TAMT does not mask")):
+        with pytest.raises(MaskError, match=why):
+            mask_for_task(args, spec, MaskSpec("file", path="m.pt"), bad)
+
+
 def test_param_groups_train_everything_but_the_mask_and_exempt_biases_and_layernorms(tiny_bert):
     model = tiny_classifier(tiny_bert)
     fix_mask(model, MaskSpec("random", 0.3), None)

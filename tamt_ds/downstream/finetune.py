@@ -39,9 +39,9 @@ from tamt_ds.downstream.tasks import KNOWN_TASKS, LOCAL_PREFIX, TaskError, TaskS
     tokenize_split
 from tamt_ds.export import replace_dir
 from tamt_ds.maskfile import masks_for_model, read_mask_file
-from tamt_ds.masking import TAMT_PATTERNS, MaskSet, attach_masks
-from tamt_ds.models import DEFAULT_MODEL, ModelError, load_task_model, load_tokenizer, resolve_model_path, \
-    task_model_class, zero3_init
+from tamt_ds.masking import TAMT_PATTERNS, MaskError, MaskSet, attach_masks
+from tamt_ds.models import (DEFAULT_MODEL, ModelError, export_name, load_task_model, load_tokenizer,
+                            resolve_model_path, task_model_class, zero3_init)
 from tamt_ds.monitor import Monitor, memory_mb
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -94,8 +94,9 @@ class FinetuneError(ValueError):
 @dataclass(frozen=True)
 class MaskSpec:
     kind: str  # dense | omp | random | file
-    sparsity: float | None = None  # omp / random: the target; file: set once read
+    sparsity: float | None = None  # omp / random: the target; file: set per task, over the matrices it covers
     path: str | None = None
+    unmasked: tuple[str, ...] = ()  # file: the task model's TAMT matrices it has no mask for (they stay dense)
 
 
 def parse_mask(text: str | None) -> MaskSpec:
@@ -234,12 +235,14 @@ def fix_mask(model: nn.Module, mask: MaskSpec, mask_file: dict | None, mask_seed
     """Attach the fixed mask: frozen scores whose cut is the mask; pruned weights := 0."""
     if mask.kind == "dense":
         return None
-    masks = attach_masks(model, TAMT_PATTERNS, sparsity=mask.sparsity or 0.0)
-    if mask.kind == "file":
+    if mask.kind == "file":  # exactly the matrices the file covers (see mask_for_task)
+        names = [n for n, _ in tamt_matrices(model) if export_name(model, n) in mask_file]
+        masks = attach_masks(model, [f"^{re.escape(n)}$" for n in names], sparsity=0.0)
         file_masks = masks_for_model(mask_file, model, masks, mask.path)
         masks.fix_counts(file_masks)  # keep exactly the file's mask, whatever its per-matrix counts
         masks.init_scores("file", mask_file=file_masks)
     else:
+        masks = attach_masks(model, TAMT_PATTERNS, sparsity=mask.sparsity)
         masks.init_scores("magnitude" if mask.kind == "omp" else "random", seed=mask_seed)
     for p in masks.scores:
         p.requires_grad_(False)
@@ -249,12 +252,14 @@ def fix_mask(model: nn.Module, mask: MaskSpec, mask_file: dict | None, mask_seed
 
 
 def mask_for_task(args: FinetuneArguments, spec: TaskSpec, mask: MaskSpec, mask_file: dict | None) -> MaskSpec:
-    """A mask file is checked against a weightless (meta-device) copy of the task's model,
-    before anything is written (a MaskError names what does not fit), and its sparsity is
-    counted over that model's masked matrices (a QA model has no pooler, for one)."""
+    """Check a mask file against weightless (meta-device) copies of the model, before anything
+    is written: every entry must be one of the backbone's TAMT matrices, with its shape (else
+    the file was made for another model).  Matrices the file does not cover stay dense (a QA
+    model has no pooler; a hand-made mask may skip the embeddings).  The file's sparsity is
+    counted over the matrices it masks in this task's model."""
     if mask.kind != "file":
         return mask
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModel
 
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path))
@@ -262,10 +267,27 @@ def mask_for_task(args: FinetuneArguments, spec: TaskSpec, mask: MaskSpec, mask_
         raise ModelError(f"cannot load model {args.model_name_or_path!r} ({str(e).strip().splitlines()[0]}): pass "
                          f"--model_name_or_path with a local model directory or a reachable hub name") from e
     with zero3_init(None), torch.device("meta"):
-        model = task_model_class(head_of(spec)).from_config(config)
-    fitted = masks_for_model(mask_file, model, attach_masks(model, TAMT_PATTERNS, sparsity=0.0), mask.path)
-    sparsity = sum(int((~m).sum()) for m in fitted.values()) / sum(m.numel() for m in fitted.values())
-    return dataclasses.replace(mask, sparsity=sparsity)
+        backbone, model = AutoModel.from_config(config), task_model_class(head_of(spec)).from_config(config)
+    maskable = {export_name(backbone, n): tuple(m.weight.shape) for n, m in tamt_matrices(backbone)}
+    for key, keep in mask_file.items():
+        if key not in maskable and key in dict(backbone.named_parameters()):
+            raise MaskError(f"mask file {mask.path!r} has a mask for {key}, which TAMT does not mask (it masks the "
+                            f"attention, feed-forward, pooler and word-embedding matrices): drop that entry")
+        if key not in maskable:
+            raise MaskError(f"mask file {mask.path!r} has a mask for {key}, which is not one of the model's "
+                            f"{len(maskable)} masked matrices (such as {next(iter(maskable))}): it was made for "
+                            f"another model; pass a mask from a search on this model")
+        if tuple(keep.shape) != maskable[key]:
+            raise MaskError(f"mask file {mask.path!r}: {key} has shape {tuple(keep.shape)} but the model's is "
+                            f"{maskable[key]}: it was made for another model")
+    keys = [export_name(model, n) for n, _ in tamt_matrices(model)]
+    covered = [k for k in keys if k in mask_file]
+    if not covered:
+        raise MaskError(f"mask file {mask.path!r} masks none of the matrices of the {spec.name} model: pass a mask "
+                        f"with entries such as {keys[0]}")
+    zeros = sum(int((~mask_file[k].bool()).sum()) for k in covered)
+    return dataclasses.replace(mask, sparsity=zeros / sum(mask_file[k].numel() for k in covered),
+                               unmasked=tuple(k for k in keys if k not in mask_file))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -543,7 +565,8 @@ def mask_label(mask: MaskSpec) -> str:
     if mask.kind == "dense":
         return "dense"
     if mask.kind == "file":
-        return f"mask {mask.path} (sparsity {mask.sparsity:.4f})"
+        dense = f"; no mask for {len(mask.unmasked)} matrices, dense: {', '.join(mask.unmasked)}" if mask.unmasked else ""
+        return f"mask {mask.path} (sparsity {mask.sparsity:.4f}{dense})"
     return f"{mask.kind} mask at sparsity {mask.sparsity}"
 
 
@@ -557,7 +580,7 @@ def summarize(args: FinetuneArguments, data: TaskData, mask: MaskSpec, ds_config
     out = {
         "task": spec.name, "kind": spec.kind, "main_metric": spec.main_metric, "eval_splits": list(spec.eval_splits),
         "model": args.model_name_or_path, "mask": args.mask or "none", "mask_kind": mask.kind,
-        "mask_sparsity": mask.sparsity, "precision": str(eng.precision(ds_config)).removeprefix("torch."),
+        "mask_sparsity": mask.sparsity, "unmasked_matrices": list(mask.unmasked), "precision": str(eng.precision(ds_config)).removeprefix("torch."),
         "world_size": sharding.world_size(), "seeds": seeds, "seeds_done": [r["seed"] for r in done],
         "complete": len(done) == len(seeds),
     }
