@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tamt_ds import checkpoint, engine as eng, sharding
-from tamt_ds.data.corpus import CorpusArguments, build_block_loader, build_validation_batches, default_train_files, \
+from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, default_train_files, \
     default_validation_files
 from tamt_ds.export import export_search_outputs
 from tamt_ds.maskfile import masks_for_model, read_mask_file
@@ -65,6 +65,7 @@ def parse_args(argv=None) -> tuple[SearchArguments, CorpusArguments]:
     args, data = parser.parse_args_into_dataclasses(args=argv)
     if not data.train_files and not data.dataset_name:
         data.train_files = default_train_files()
+        data.mix_weights = data.mix_weights or DEFAULT_MIX_WEIGHTS
         if not data.validation_files:
             data.validation_files = default_validation_files()
     return args, data

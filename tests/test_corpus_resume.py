@@ -204,10 +204,12 @@ def test_arguments_are_cli_flags():
 
 
 def test_shipped_sample_and_default_run(tok):
-    (train,), (val,) = default_train_files(), default_validation_files()
+    (train, wordnet), (val,) = default_train_files(), default_validation_files()
     assert 0.9e6 < os.path.getsize(train) < 1.1e6 and 0.08e6 < os.path.getsize(val) < 0.12e6
+    assert 0.5e6 < os.path.getsize(wordnet) < 0.8e6
     sample = os.path.dirname(train)
-    assert os.path.exists(os.path.join(sample, "LICENSE.python-doc")) and os.path.exists(os.path.join(sample, "README.md"))
+    for name in ("LICENSE.python-doc", "LICENSE.wordnet", "README.md"):
+        assert os.path.exists(os.path.join(sample, name)), name
     args = CorpusArguments()  # nothing given: the shipped sample, its validation file, 128-token blocks
     batch = next(iter(loader(args, tok, batch_size=8, mlm=True)))
     assert batch["input_ids"].shape == (8, 128)
