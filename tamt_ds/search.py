@@ -37,7 +37,7 @@ class SearchArguments:
                                      metadata={"help": "regexes of module names to mask"})
     threshold_scope: str = field(default="per_matrix", metadata={"help": "per_matrix (TAMT) or global"})
     threshold_reset_steps: int = field(default=10, metadata={"help": "reset tau to the k-th score every N steps"})
-    per_device_train_batch_size: int = 16
+    per_device_train_batch_size: int = 32
     gradient_accumulation_steps: int = 1
     # Defaults: the embedded run (a few minutes on 2 CPU cores).  A short search needs a
     # larger step than the paper's 2e-5 over 17k steps for scores to cross tau0 = 0.01;

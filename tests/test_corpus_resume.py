@@ -210,12 +210,12 @@ def test_shipped_sample_and_default_run(tok):
     sample = os.path.dirname(train)
     for name in ("LICENSE.python-doc", "LICENSE.wordnet", "README.md"):
         assert os.path.exists(os.path.join(sample, name)), name
-    args = CorpusArguments()  # nothing given: the shipped sample, its validation file, 128-token blocks
+    args = CorpusArguments()  # nothing given: the shipped sample, its validation file, 64-token blocks
     batch = next(iter(loader(args, tok, batch_size=8, mlm=True)))
-    assert batch["input_ids"].shape == (8, 128)
+    assert batch["input_ids"].shape == (8, 64)
     from tamt_ds.data import build_validation_batches
 
     val_batches = build_validation_batches(args, tok, batch_size=8, rank=0, world_size=1, seed=0, mlm=False)
     assert len(val_batches) == 4  # 32 blocks
     want = stream_of(tok, [line for line in open(val, encoding="utf-8").read().splitlines() if line.strip()])
-    assert np.array_equal(bodies(val_batches), want[: 32 * 126])
+    assert np.array_equal(bodies(val_batches), want[: 32 * 62])
