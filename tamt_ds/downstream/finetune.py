@@ -558,7 +558,8 @@ def log_train(monitor: Monitor, step: int, tag: str, scheduler, window: dict) ->
     monitor.log(step, {
         f"{tag}/train/loss": float(values[0]) / sharding.world_size(),
         f"{tag}/train/learning_rate": scheduler.get_last_lr()[0] if scheduler is not None else float("nan"),
-        f"{tag}/perf/tokens_per_s": float(values[1]) / elapsed, **{f"{tag}/perf/{k}": v for k, v in memory_mb().items()},
+        f"{tag}/perf/tokens_per_s": float(values[1]) / elapsed,
+        **{f"{tag}/perf/{k}": v for k, v in memory_mb().items()},
     })
     window.update(t=time.perf_counter(), loss=0.0, n=0, tokens=0)
 
@@ -567,7 +568,7 @@ def mask_label(mask: MaskSpec) -> str:
     if mask.kind == "dense":
         return "dense"
     if mask.kind == "file":
-        dense = f"; no mask for {len(mask.unmasked)} matrices, dense: {', '.join(mask.unmasked)}" if mask.unmasked else ""
+        dense = f"; {len(mask.unmasked)} matrices stay dense: {', '.join(mask.unmasked)}" if mask.unmasked else ""
         return f"mask {mask.path} (sparsity {mask.sparsity:.4f}{dense})"
     return f"{mask.kind} mask at sparsity {mask.sparsity}"
 
@@ -577,14 +578,15 @@ def mask_label(mask: MaskSpec) -> str:
 
 def summarize(args: FinetuneArguments, data: TaskData, mask: MaskSpec, ds_config: dict, seeds: list[int],
               per_seed: list[dict]) -> dict:
-    spec = data.spec
-    done = per_seed
+    """results.json: the run, best / final metrics as mean ± std over the seeds done so far,
+    the sparsity measured from the trained weights, and every seed's details."""
+    spec, done = data.spec, per_seed
     out = {
         "task": spec.name, "kind": spec.kind, "main_metric": spec.main_metric, "eval_splits": list(spec.eval_splits),
         "model": args.model_name_or_path, "mask": args.mask or "none", "mask_kind": mask.kind,
-        "mask_sparsity": mask.sparsity, "unmasked_matrices": list(mask.unmasked), "precision": str(eng.precision(ds_config)).removeprefix("torch."),
-        "world_size": sharding.world_size(), "seeds": seeds, "seeds_done": [r["seed"] for r in done],
-        "complete": len(done) == len(seeds),
+        "mask_sparsity": mask.sparsity, "unmasked_matrices": list(mask.unmasked),
+        "precision": str(eng.precision(ds_config)).removeprefix("torch."), "world_size": sharding.world_size(),
+        "seeds": seeds, "seeds_done": [r["seed"] for r in done], "complete": len(done) == len(seeds),
     }
     if done:
         out["best"] = aggregate_seeds([r["best"] for r in done])
@@ -599,7 +601,7 @@ def summarize(args: FinetuneArguments, data: TaskData, mask: MaskSpec, ds_config
     out["per_seed"] = [{k: v for k, v in r.items() if k != "sparsity"}
                        | {"sparsity": {k: v for k, v in r["sparsity"].items() if k != "per_matrix"}} for r in done]
     out["args"] = dataclasses.asdict(args)
-    out["deepspeed"] = {k: v for k, v in ds_config.items()}
+    out["deepspeed"] = dict(ds_config)
     return out
 
 
