@@ -67,9 +67,10 @@ def precision(cfg: dict) -> torch.dtype:
 def init_distributed() -> None:
     """One process group for every launcher: deepspeed, torchrun (env vars) or mpirun (MPI discovery)."""
     import deepspeed
-    import torch.distributed as dist
 
-    if dist.is_initialized():
+    from tamt_ds import sharding
+
+    if sharding.initialized():
         return
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
         # Plain `python launchers/x.py`: a one-process group, no MPI needed.

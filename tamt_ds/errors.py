@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 
 def run_cli(fn) -> int:
-    # torch.distributed warns on every ZeRO collective that DeepSpeed still uses old names.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    from tamt_ds import sharding
+
+    sharding.quiet_deprecations()
     try:
         fn()
     except (ValueError, FileNotFoundError) as e:  # every input error of the library is a ValueError subclass

@@ -201,9 +201,9 @@ class MaskSet:
                 values = w.values.abs().float()
             elif method == "random":
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # same full matrix on every rank
-                values = torch.rand(w.numel, generator=gen)[lo:hi]
+                values = torch.rand(w.numel, generator=gen)[lo:hi].to(w.values.device)
             elif method == "file":
-                values = mask_file[site.name].reshape(-1)[lo:hi].float()
+                values = mask_file[site.name].reshape(-1)[lo:hi].to(w.values.device, torch.float32)
             else:
                 raise MaskError(f"unknown mask init {method!r}: use magnitude, random or a mask file path")
             out.append(sharding.Shard(values, w.offset, w.numel))
@@ -218,19 +218,20 @@ class MaskSet:
     @torch.no_grad()
     def stats(self, update_last: bool = True) -> dict:
         """Sparsity, change since the last call and Hamming distance to the initial mask,
-        per matrix and overall, counted on the live masks."""
-        counts = torch.zeros(len(self.sites), 3, dtype=torch.int64)
+        per matrix and overall, counted on the live masks (on their device; one host
+        transfer for all matrices)."""
+        device = sharding.local_shard(self.sites[0].score).values.device
+        counts = torch.zeros(len(self.sites), 3, dtype=torch.int64, device=device)
         for i, site in enumerate(self.sites):
             keep = site.local_keep()
-            counts[i, 0] = int((~keep).sum())
+            counts[i, 0] = (~keep).sum()
             if site.last_keep is not None:
-                counts[i, 1] = int((keep != site.last_keep).sum())
-                counts[i, 2] = int((keep != site.init_keep).sum())
+                counts[i, 1] = (keep != site.last_keep).sum()
+                counts[i, 2] = (keep != site.init_keep).sum()
             if update_last:
                 site.last_keep = keep
-        sharding.all_reduce_(counts, enabled=self._reduce())
-        numel = torch.tensor([s.score.ds_numel if sharding.is_partitioned(s.score) else s.score.numel()
-                              for s in self.sites], dtype=torch.float64)
+        counts = sharding.all_reduce_(counts, enabled=self._reduce()).cpu()
+        numel = torch.tensor([sharding.full_numel(s.score) for s in self.sites], dtype=torch.float64)
         total = float(numel.sum())
         per = counts.double() / numel.unsqueeze(1)
         return {
@@ -270,7 +271,7 @@ def attach_masks(model: nn.Module, patterns: Iterable[str] = TAMT_PATTERNS, *, s
         if cls is None or not any(r.search(name) for r in regexes):
             continue
         w = module.weight
-        shape = w.ds_shape if sharding.is_partitioned(w) else w.shape
+        shape = sharding.full_shape(w)
         score = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
         module.__class__ = cls
         module.register_parameter("mask_score", score)

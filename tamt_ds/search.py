@@ -119,18 +119,17 @@ def to_device(batch: dict, device) -> dict:
 def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
     """KD loss (and MLM loss/accuracy with a head) of the current subnetwork on the fixed held-out set."""
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # kd_sum, kd_batches, mlm_loss_sum, mlm_correct, mlm_count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # kd_sum, kd_batches, mlm_loss_sum, mlm_correct, mlm_count
     for batch in batches:
         batch = to_device(batch, device)
         teacher = teacher_hidden_states(model, masks, batch)
         student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        sums[0] += float(kd_loss(student.hidden_states, teacher, batch["attention_mask"]))
+        sums[0] += kd_loss(student.hidden_states, teacher, batch["attention_mask"]).double()
         sums[1] += 1
         if "mlm" in objective:
-            loss, correct, count = mlm_accuracy(model, batch)
-            sums[2:] += torch.tensor([float(loss), float(correct), float(count)], dtype=torch.float64)
+            sums[2:] += torch.stack(mlm_accuracy(model, batch)).double()
     model.train()
-    sharding.all_reduce_(sums)
+    sums = sharding.all_reduce_(sums).cpu()
     out = {"eval/kd_loss": float(sums[0] / max(sums[1], 1))}
     if "mlm" in objective:
         out["eval/mlm_loss"] = float(sums[2] / max(sums[4], 1))
@@ -190,22 +189,23 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
                   f"world size {sharding.world_size()} | {eng.precision(ds_config)} | "
                   f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
     batches = iter(loader)
+    # Loss terms add up on the device and are read once per logging step: no host sync per step.
     window = {"t": time.perf_counter(), "tokens": 0, "blocks": 0, "terms": {}, "n": 0}
     while step < args.max_steps:
         for _ in range(args.gradient_accumulation_steps):
-            batch = to_device(next(batches), device)
-            terms = compute_loss(args.objective, engine, masks, batch)
-            engine.backward(terms["loss"])
-            engine.step()
+            batch = next(batches)  # on the host: counting its tokens costs no device sync
             window["tokens"] += int(batch["attention_mask"].sum())
             window["blocks"] += batch["input_ids"].shape[0]
+            terms = compute_loss(args.objective, engine, masks, to_device(batch, device))
+            engine.backward(terms["loss"])
+            engine.step()
             for k, v in terms.items():
-                window["terms"][k] = window["terms"].get(k, 0.0) + float(v.detach())
+                window["terms"][k] = window["terms"].get(k, 0.0) + v.detach().float()
             window["n"] += 1
         step += 1
         if step % args.threshold_reset_steps == 0:
             masks.reset_thresholds()
-        monitor.step(loss=float(terms["loss"].detach()))
+        monitor.step()
 
         if step % args.logging_steps == 0 or step == args.max_steps:
             log_step(monitor, step, masks, scheduler, window, loader)
@@ -228,9 +228,9 @@ def log_step(monitor: Monitor, step: int, masks, scheduler, window: dict, loader
     corpus progress summed over ranks."""
     names = sorted(window["terms"])
     progress = loader.progress()
-    values = torch.tensor([window["terms"][k] / window["n"] for k in names] + [progress["tokens_seen"],
-                          progress["blocks_seen"], window["blocks"], window["tokens"]],
-                          dtype=torch.float64)
+    terms = torch.stack([window["terms"][k] for k in names]).double().cpu() / window["n"]  # the one sync
+    values = torch.cat([terms, torch.tensor([progress["tokens_seen"], progress["blocks_seen"], window["blocks"],
+                                             window["tokens"]], dtype=torch.float64)])
     sharding.all_reduce_(values)
     world = sharding.world_size()
     elapsed = time.perf_counter() - window["t"]
@@ -247,6 +247,7 @@ def log_step(monitor: Monitor, step: int, masks, scheduler, window: dict, loader
     if progress["epoch_fraction"] is not None:
         scalars["data/epoch_fraction"] = progress["epoch_fraction"]
     per = stats["per_matrix"]
+    monitor.step(0, loss=scalars["train/loss"])
     monitor.log(step, scalars, groups={
         "sparsity": {n: v["sparsity"] for n, v in per.items()},
         "threshold": {n: v["threshold"] for n, v in per.items()},

@@ -1,4 +1,4 @@
-"""The one place that knows how ZeRO-3 lays a parameter out across ranks.
+"""The one place that talks to torch.distributed and knows how ZeRO-3 lays a parameter out.
 
 ZeRO stage 3 flattens every parameter, pads it to a multiple of the world size and
 gives rank r the contiguous slice [r * P, (r + 1) * P) in `param.ds_tensor`.  Outside
@@ -6,30 +6,63 @@ forward/backward `param.data` is an empty placeholder, so anything that reads va
 (mask init from |W|, thresholds, sparsity) must work on that local slice.  Everything
 here also works on plain (non-ZeRO) parameters: the "shard" is then the whole tensor
 on every rank, and collectives are skipped when there is no process group.
+
+Collectives run on the communication device: the accelerator's current device under
+NCCL (which refuses CPU tensors), the CPU under gloo.  Callers hand in tensors on any
+device and get the result back where their tensor lives, so no caller needs to know
+which backend runs underneath.  A test fails if another module imports
+torch.distributed.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def quiet_deprecations() -> None:
+    # torch.distributed warns on every ZeRO collective that DeepSpeed still uses old names.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if initialized() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if initialized() else 1
+
+
+def backend() -> str | None:
+    return dist.get_backend() if initialized() else None
+
+
+def comm_device() -> torch.device:
+    """Where tensors must live to cross ranks: CPU under gloo, else the accelerator's
+    current device (NCCL / HCCL / ... take device tensors only)."""
+    if not initialized() or backend() == "gloo":
+        return torch.device("cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 @dataclass
@@ -41,10 +74,18 @@ class Shard:
     numel: int  # numel of the full parameter
 
 
+def full_numel(param: torch.Tensor) -> int:
+    return param.ds_numel if is_partitioned(param) else param.numel()
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    return param.ds_shape if is_partitioned(param) else param.shape
+
+
 def local_shard(param: torch.Tensor) -> Shard:
     if not is_partitioned(param):
         # Replicated parameter: every rank holds all of it, so its "share" is everything.
-        # Selections then count each element once (see `all_reduce_sum` callers).
+        # Selections then count each element once (see `all_reduce_` callers' `enabled`).
         return Shard(param.data.view(-1), 0, param.numel())
     part = param.ds_tensor.ds_numel
     start = rank() * part
@@ -57,19 +98,46 @@ def shards_are_disjoint(params) -> bool:
     return distributed() and all(is_partitioned(p) for p in params)
 
 
-def all_reduce_(tensor: torch.Tensor, op=None, enabled: bool = True) -> torch.Tensor:
+def all_reduce_(tensor: torch.Tensor, op: str = "sum", enabled: bool = True) -> torch.Tensor:
+    """In-place all-reduce ("sum", "max" or "min") of a tensor on any device."""
     if enabled and distributed():
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        wire = tensor.to(comm_device())
+        dist.all_reduce(wire, op=_OPS[op])
+        if wire is not tensor:
+            tensor.copy_(wire)
     return tensor
 
 
 def all_gather_counts(counts: torch.Tensor, enabled: bool = True) -> torch.Tensor:
-    """[world, *counts.shape] of every rank's counts (rank order = shard order)."""
+    """[world, *counts.shape] of every rank's counts (rank order = shard order), on counts' device."""
     if not (enabled and distributed()):
         return counts.unsqueeze(0)
-    out = [torch.empty_like(counts) for _ in range(world_size())]
-    dist.all_gather(out, counts)
-    return torch.stack(out)
+    wire = counts.to(comm_device())
+    out = [torch.empty_like(wire) for _ in range(world_size())]
+    dist.all_gather(out, wire)
+    return torch.stack(out).to(counts.device)
+
+
+def gather_objects(obj, dst: int = 0) -> list | None:
+    """Every rank's picklable `obj`, in rank order, on rank `dst` (None elsewhere)."""
+    if not distributed():
+        return [obj]
+    parts = [None] * world_size() if rank() == dst else None
+    dist.gather_object(obj, parts, dst=dst)
+    return parts
+
+
+def broadcast_object(obj, src: int = 0):
+    if not distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
 
 
 @contextlib.contextmanager
@@ -93,16 +161,3 @@ def partition_like(anchor: torch.nn.Parameter, new_params: list[torch.nn.Paramet
     """
     if is_partitioned(anchor):
         anchor.convert_to_zero_parameters(param_list=new_params)
-
-
-def barrier() -> None:
-    if distributed():
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    if not distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

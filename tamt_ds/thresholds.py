@@ -99,7 +99,7 @@ def _boundaries(groups, keys, quotas, reduce: bool) -> list[list[int]]:
             before_me = int(per_rank[:me, m].sum())
             if before_me < q <= before_me + int(per_rank[me, m]):  # this rank holds the q-th tie
                 bounds[m] = shard.offset + int(ties[m].nonzero()[q - before_me - 1]) + 1
-        sharding.all_reduce_(bounds, op=torch.distributed.ReduceOp.MAX, enabled=reduce)
+        sharding.all_reduce_(bounds, op="max", enabled=reduce)
         out.append(bounds.tolist())
     return out
 

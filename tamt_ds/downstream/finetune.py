@@ -351,12 +351,7 @@ def measure_sparsity(model: nn.Module, masks: MaskSet | None) -> dict:
 
 def gather_to_rank0(rows: list) -> list | None:
     """Every rank's rows, concatenated in rank order on rank 0 (None elsewhere)."""
-    if not sharding.distributed():
-        return rows
-    import torch.distributed as dist
-
-    parts = [None] * sharding.world_size() if sharding.rank() == 0 else None
-    dist.gather_object(rows, parts, dst=0)
+    parts = sharding.gather_objects(rows, dst=0)
     return [r for part in parts for r in part] if parts is not None else None
 
 
