@@ -1,16 +1,15 @@
-"""Binary masks over frozen weights: W_eff = W * 1[S > tau], straight-through to S.
+"""Binary masks over frozen weights for the search: W_eff = W * 1[S > tau], straight-through to S.
 
 Each masked Linear/Embedding gets one score tensor `mask_score`, registered on the
 same module as its `weight`, so ZeRO-3 partitions both the same way and gathers both
-for the module's forward.  The mask itself is never stored: it is a function of the
-score and the module's `Cut` (tau plus a tie boundary, see thresholds.py), so the
-mask used in forward, the one counted for sparsity and the one exported agree
-exactly.
+for the module's forward and backward.  The mask itself is never stored: it is a
+function of the score and the module's `Cut` (tau plus a tie boundary, see
+thresholds.py), so the mask used in forward, the one counted for sparsity and the
+one exported agree exactly.  The masked forward keeps nothing weight-sized for
+backward (see _MaskedLinearFn).
 
-Two uses share this module:
-- search:     weight frozen, score trains (dL/dS = dL/dW_eff * W);
-- fine-tune:  score frozen (the fixed mask), weight trains (dL/dW = dL/dW_eff * m),
-              so pruned weights get exactly zero gradient and stay zero.
+The initial mask (`initial_keep`: magnitude, random or a file, exactly k pruned per
+matrix) is also what fine-tuning's fixed mask starts from (downstream/fixed_mask.py).
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tamt_ds import sharding
-from tamt_ds.thresholds import KEEP_ALL, Cut, bottom_k_cuts
+from tamt_ds.thresholds import KEEP_ALL, MAX_MATRIX_NUMEL, Cut, bottom_k_cuts
 
 # The TAMT matrix set (BERT / RoBERTa module names), as regexes searched in module names.
 TAMT_PATTERNS: tuple[str, ...] = (
@@ -38,43 +37,84 @@ TAMT_PATTERNS: tuple[str, ...] = (
 INIT_SCORE = 0.02  # kept entries start at 2 * tau0 (tau0 = 0.01), pruned ones at 0, as in TAMT
 
 
-class _MaskedWeight(torch.autograd.Function):
-    """W * m with m treated as identity in backward (straight-through)."""
+class _MaskedLinearFn(torch.autograd.Function):
+    """F.linear(x, W * m, b), m = cut.keep(S), straight-through to S: dL/dS = dL/dW_eff * W
+    (search) and dL/dW = dL/dW_eff * m (a trainable weight).
+
+    Only x and the parameters themselves are saved for backward, never W * m or m: under
+    ZeRO-3 a parameter's storage is released after the module's forward and gathered
+    again before its backward, so nothing weight-sized outlives the forward on any rank
+    (F.linear would keep W * m, a full copy of every masked matrix, until backward).
+    m and W * m are recomputed in backward from the re-gathered score and weight.
+    """
 
     @staticmethod
-    def forward(ctx, weight, score, keep):
-        ctx.save_for_backward(weight, keep)
-        return weight * keep
+    def forward(ctx, x, weight, bias, score, cut):  # runs without autograd recording
+        ctx.cut = cut
+        ctx.save_for_backward(x, weight, bias, score)
+        return F.linear(x, weight * cut.keep(score), bias)
 
     @staticmethod
-    def backward(ctx, grad):
-        weight, keep = ctx.saved_tensors
-        grad_weight = grad * keep if ctx.needs_input_grad[0] else None
-        grad_score = grad * weight if ctx.needs_input_grad[1] else None
-        return grad_weight, grad_score, None
+    def backward(ctx, grad_out):
+        x, weight, bias, score = ctx.saved_tensors
+        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        keep = ctx.cut.keep(score)
+        grad_x = grad_w = grad_b = grad_s = None
+        if need_x:
+            grad_x = grad_out.matmul(weight * keep)
+        if need_w or need_s:
+            grad_eff = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+            grad_w = grad_eff * keep if need_w else None
+            grad_s = grad_eff * weight if need_s else None
+        if bias is not None and need_b:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, grad_s, None
+
+
+class _MaskedEmbeddingFn(torch.autograd.Function):
+    """F.embedding(ids, W * m), computed on the looked-up rows only (m too), straight-through
+    to S.  Saves the ids and the parameters; rows are looked up again in backward."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, score, cut, padding_idx):
+        ctx.cut, ctx.padding_idx, ctx.num_rows = cut, padding_idx, weight.shape[0]
+        ctx.save_for_backward(ids, weight, score)
+        return F.embedding(ids, weight) * cut.keep(F.embedding(ids, score), rows=ids)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ids, weight, score = ctx.saved_tensors
+        need_w, need_s = ctx.needs_input_grad[1:3]
+
+        def scatter(grad_rows):  # the dense-gradient kernel of F.embedding's own backward
+            return torch.ops.aten.embedding_dense_backward(grad_rows, ids, ctx.num_rows, ctx.padding_idx, False)
+
+        grad_w = grad_s = None
+        if need_w:
+            grad_w = scatter(grad_out * ctx.cut.keep(F.embedding(ids, score), rows=ids))
+        if need_s:
+            grad_s = scatter(grad_out * F.embedding(ids, weight))
+        return None, grad_w, grad_s, None, None
 
 
 class MaskedWeightMixin:
     mask_cut: Cut = KEEP_ALL
     mask_enabled: bool = True
 
-    def masked_weight(self) -> torch.Tensor:
-        if not self.mask_enabled:
-            return self.weight
-        with torch.no_grad():
-            keep = self.mask_cut.keep(self.mask_score)
-        return _MaskedWeight.apply(self.weight, self.mask_score, keep)
-
 
 class MaskedLinear(MaskedWeightMixin, nn.Linear):
     def forward(self, x):
-        return F.linear(x, self.masked_weight(), self.bias)
+        if not self.mask_enabled:
+            return F.linear(x, self.weight, self.bias)
+        return _MaskedLinearFn.apply(x, self.weight, self.bias, self.mask_score, self.mask_cut)
 
 
 class MaskedEmbedding(MaskedWeightMixin, nn.Embedding):
     def forward(self, ids):
-        return F.embedding(ids, self.masked_weight(), self.padding_idx, self.max_norm,
-                           self.norm_type, self.scale_grad_by_freq, self.sparse)
+        if not self.mask_enabled:
+            return F.embedding(ids, self.weight, self.padding_idx)
+        padding_idx = -1 if self.padding_idx is None else self.padding_idx
+        return _MaskedEmbeddingFn.apply(ids, self.weight, self.mask_score, self.mask_cut, padding_idx)
 
 
 _MASKED_CLASS = {nn.Linear: MaskedLinear, nn.Embedding: MaskedEmbedding}
@@ -111,14 +151,47 @@ def check_settings(sparsity: float, scope: str) -> None:
         raise MaskError(f"--threshold_scope must be per_matrix or global, got {scope!r}")
 
 
+# ---- initial masks: shared by the search (scores) and fine-tuning (a fixed mask) ---------
+
+
+def ranking_shards(weights: Sequence[tuple[str, nn.Parameter]], method: str, *, seed: int = 0,
+                   mask_file: dict[str, torch.Tensor] | None = None) -> list[sharding.Shard]:
+    """This rank's shard of what the initial mask ranks, per matrix: |W| (magnitude = OMP),
+    seeded uniform noise (random) or a given mask (file; keyed by module name)."""
+    out = []
+    for i, (name, weight) in enumerate(weights):
+        w = sharding.local_shard(weight)
+        lo, hi = w.offset, w.offset + w.values.numel()
+        if method == "magnitude":
+            values = w.values.abs().float()
+        elif method == "random":
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # same full matrix on every rank
+            values = torch.rand(w.numel, generator=gen)[lo:hi].to(w.values.device)
+        elif method == "file":
+            values = mask_file[name].reshape(-1)[lo:hi].to(w.values.device, torch.float32)
+        else:
+            raise MaskError(f"unknown mask init {method!r}: use magnitude, random or a mask file path")
+        out.append(sharding.Shard(values, w.offset, w.numel))
+    return out
+
+
+@torch.no_grad()
+def initial_keep(weights: Sequence[tuple[str, nn.Parameter]], method: str, ks: Sequence[int], *, seed: int = 0,
+                 mask_file: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """This rank's keep-shard of each matrix's initial mask: the ks[i] lowest-ranked entries
+    of matrix i pruned, ties in tie-key order (deterministic: recomputed on resume)."""
+    ranks = ranking_shards(weights, method, seed=seed, mask_file=mask_file)
+    cuts = bottom_k_cuts(ranks, ks, reduce=sharding.shards_are_disjoint([w for _, w in weights]))
+    return [cut.keep(r.values, r.offset) for r, cut in zip(ranks, cuts)]
+
+
 class MaskSet:
     """All masked matrices of one model, and the operations over all of them."""
 
     def __init__(self, sites: list[MaskSite], sparsity: float, scope: str = "per_matrix"):
         check_settings(sparsity, scope)
         self.sites, self.sparsity, self.scope = sites, sparsity, scope
-        # Exact pruned count per matrix, when a given mask fixes them (fine-tuning a mask
-        # file); None: int(numel * sparsity) per matrix, as TAMT prescribes.
+        self.init_args: dict = {}  # how init_scores made the initial mask, to remake it on resume
         self.fixed_k: list[int] | None = None
 
     def __iter__(self):
@@ -134,33 +207,36 @@ class MaskSet:
     def _reduce(self) -> bool:
         return sharding.shards_are_disjoint(self.scores)
 
-    # ---- thresholds -------------------------------------------------------------
-    def _per_matrix_k(self, shards: Sequence[sharding.Shard]) -> list[int]:
-        return list(self.fixed_k) if self.fixed_k is not None else [int(s.numel * self.sparsity) for s in shards]
-
-    def _cut(self, shards: Sequence[sharding.Shard]) -> list[Cut]:
-        if self.scope == "global" and self.fixed_k is None:
-            return bottom_k_cuts(shards, int(sum(s.numel for s in shards) * self.sparsity), reduce=self._reduce())
-        return bottom_k_cuts(shards, self._per_matrix_k(shards), reduce=self._reduce())
+    def _per_matrix_k(self) -> list[int]:
+        if self.fixed_k is not None:
+            return list(self.fixed_k)
+        return [int(sharding.full_numel(s.score) * self.sparsity) for s in self.sites]
 
     def fix_counts(self, mask_file: dict[str, torch.Tensor]) -> None:
-        """Prune exactly the given mask's number of entries in each matrix (not int(numel * s)),
-        so that init_scores("file") and every later cut reproduce that mask exactly."""
         self.fixed_k = [int((~mask_file[s.name].bool()).sum()) for s in self.sites]
         self.sparsity = sum(self.fixed_k) / sum(mask_file[s.name].numel() for s in self.sites)
 
+    @torch.no_grad()
+    def zero_pruned_weights(self) -> None:
+        for site in self.sites:
+            w = sharding.local_shard(site.weight)
+            w.values.mul_(site.local_keep().to(w.values.dtype))
+
+    # ---- thresholds -------------------------------------------------------------
     def reset_thresholds(self) -> None:
         """tau := k-th smallest score (per matrix or over all), exact under ZeRO-3."""
-        cuts = self._cut([sharding.local_shard(s) for s in self.scores])
-        for site, cut in zip(self.sites, cuts):
+        shards = [sharding.local_shard(s) for s in self.scores]
+        ks = int(sum(s.numel for s in shards) * self.sparsity) if self.scope == "global" and self.fixed_k is None \
+            else self._per_matrix_k()
+        for site, cut in zip(self.sites, bottom_k_cuts(shards, ks, reduce=self._reduce())):
             site.module.mask_cut = cut
 
     def cuts(self) -> list[tuple[float, int]]:
-        return [(s.module.mask_cut.tau, s.module.mask_cut.boundary) for s in self.sites]
+        return [(s.module.mask_cut.tau, s.module.mask_cut.tie_key) for s in self.sites]
 
     def load_cuts(self, cuts: Sequence[Sequence]) -> None:
-        for site, (tau, boundary) in zip(self.sites, cuts):
-            site.module.mask_cut = Cut(float(tau), int(boundary))
+        for site, (tau, tie_key) in zip(self.sites, cuts):
+            site.module.mask_cut = Cut(float(tau), int(tie_key))
 
     # ---- initialisation ---------------------------------------------------------
     @torch.no_grad()
@@ -171,43 +247,26 @@ class MaskSet:
         read from this rank's shards only, then cut per matrix with a deterministic
         tie-break; each rank writes its own score shard.
         """
-        for site, keep in zip(self.sites, self.initial_keep(method, seed=seed, mask_file=mask_file)):
+        self.init_args = {"method": method, "seed": seed, "mask_file": mask_file}
+        for site, keep in zip(self.sites, self.initial_keep()):
             sharding.local_shard(site.score).values.copy_(keep.to(site.score.dtype) * INIT_SCORE)
             # tau0 sits halfway between the two init values (as in TAMT), so a score must move
             # by tau0 to flip until the first reset; a reset here would put tau on the pruned
             # scores themselves and let the first positive update flip them.
-            site.module.mask_cut = Cut(INIT_SCORE / 2, 0)
+            site.module.mask_cut = Cut(INIT_SCORE / 2)
         self.mark_initial()
 
-    @torch.no_grad()
-    def initial_keep(self, method: str, *, seed: int = 0, mask_file=None) -> list[torch.Tensor]:
-        """Local keep-shards of the initial mask (deterministic: recomputed on resume)."""
-        ranks = self.ranking_shards(method, seed=seed, mask_file=mask_file)
-        cuts = bottom_k_cuts(ranks, self._per_matrix_k(ranks), reduce=self._reduce())
-        return [cut.keep(r.values, r.offset) for r, cut in zip(ranks, cuts)]
+    def initial_keep(self) -> list[torch.Tensor]:
+        """Local keep-shards of the initial mask init_scores made (recomputed, not stored)."""
+        return initial_keep([(s.name, s.weight) for s in self.sites], self.init_args["method"], self._per_matrix_k(),
+                            seed=self.init_args["seed"], mask_file=self.init_args["mask_file"])
 
-    def restore_initial(self, method: str, *, seed: int = 0, mask_file=None) -> None:
-        """After a resume: the initial mask for distance-to-init, the current one as 'last logged'."""
-        for site, keep in zip(self.sites, self.initial_keep(method, seed=seed, mask_file=mask_file)):
+    def restore_initial(self) -> None:
+        """After a resume (on a MaskSet set up as before, by init_scores): the initial mask
+        for distance-to-init, the current one as 'last logged'."""
+        for site, keep in zip(self.sites, self.initial_keep()):
             site.init_keep = keep
             site.last_keep = site.local_keep()
-
-    def ranking_shards(self, method, *, seed, mask_file) -> list[sharding.Shard]:
-        out = []
-        for i, site in enumerate(self.sites):
-            w = sharding.local_shard(site.weight)
-            lo, hi = w.offset, w.offset + w.values.numel()
-            if method == "magnitude":
-                values = w.values.abs().float()
-            elif method == "random":
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # same full matrix on every rank
-                values = torch.rand(w.numel, generator=gen)[lo:hi].to(w.values.device)
-            elif method == "file":
-                values = mask_file[site.name].reshape(-1)[lo:hi].to(w.values.device, torch.float32)
-            else:
-                raise MaskError(f"unknown mask init {method!r}: use magnitude, random or a mask file path")
-            out.append(sharding.Shard(values, w.offset, w.numel))
-        return out
 
     def mark_initial(self) -> None:
         for site in self.sites:
@@ -252,13 +311,6 @@ class MaskSet:
                 out[site.name] = site.module.mask_cut.keep(site.score.data).cpu().clone()
         return out
 
-    @torch.no_grad()
-    def zero_pruned_weights(self) -> None:
-        """Write exact zeros into pruned weight entries (fine-tuning starts from the subnetwork)."""
-        for site in self.sites:
-            w = sharding.local_shard(site.weight)
-            w.values.mul_(site.local_keep().to(w.values.dtype))
-
 
 def attach_masks(model: nn.Module, patterns: Iterable[str] = TAMT_PATTERNS, *, sparsity: float,
                  scope: str = "per_matrix") -> MaskSet:
@@ -270,8 +322,15 @@ def attach_masks(model: nn.Module, patterns: Iterable[str] = TAMT_PATTERNS, *, s
         cls = _MASKED_CLASS.get(type(module))
         if cls is None or not any(r.search(name) for r in regexes):
             continue
+        if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse
+                                                 or module.scale_grad_by_freq):
+            raise MaskError(f"{name}: masking an embedding with max_norm, sparse or scale_grad_by_freq is not "
+                            f"supported; leave it out of --mask_patterns")
         w = module.weight
         shape = sharding.full_shape(w)
+        if shape.numel() > MAX_MATRIX_NUMEL:
+            raise MaskError(f"{name} has {shape.numel()} entries, more than the {MAX_MATRIX_NUMEL} a mask can hold: "
+                            f"leave it out of --mask_patterns")
         score = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
         module.__class__ = cls
         module.register_parameter("mask_score", score)
@@ -281,6 +340,29 @@ def attach_masks(model: nn.Module, patterns: Iterable[str] = TAMT_PATTERNS, *, s
         raise MaskError(f"no Linear/Embedding module of {type(model).__name__} matches the mask patterns "
                         f"{list(patterns)}: pass --mask_patterns with regexes of module names")
     return MaskSet(sites, sparsity, scope)
+
+
+def prepare_search(model: nn.Module, *, sparsity: float, patterns: Iterable[str] = TAMT_PATTERNS,
+                   scope: str = "per_matrix", init: str = "magnitude", seed: int = 0,
+                   mask_file: dict[str, torch.Tensor] | None = None) -> tuple[MaskSet, list[nn.Parameter]]:
+    """The search's model: every weight frozen, a score next to each masked one, initialised
+    (`init`: magnitude, random, or the path `mask_file` was read from), and the MLM head, if
+    the model has one, trainable except its decoder weight (tied to the frozen embedding).
+    Returns the masks and the parameters to train: the scores, then the head."""
+    base = {id(p) for p in model.base_model.parameters()}
+    head = [p for p in model.parameters() if id(p) not in base]  # a tied decoder weight is the embedding's
+    for p in model.parameters():
+        p.requires_grad_(False)
+    masks = attach_masks(model, patterns, sparsity=sparsity, scope=scope)
+    if mask_file is not None:
+        from tamt_ds.maskfile import masks_for_model  # maskfile builds on this module
+
+        masks.init_scores("file", seed=seed, mask_file=masks_for_model(mask_file, model, masks, init))
+    else:
+        masks.init_scores(init, seed=seed)
+    for p in head:
+        p.requires_grad_(True)
+    return masks, masks.scores + head
 
 
 @contextlib.contextmanager

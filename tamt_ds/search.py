@@ -20,8 +20,8 @@ from tamt_ds import checkpoint, engine as eng, sharding
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, default_train_files, \
     default_validation_files
 from tamt_ds.export import export_search_outputs
-from tamt_ds.maskfile import masks_for_model, read_mask_file
-from tamt_ds.masking import TAMT_PATTERNS, attach_masks, check_settings
+from tamt_ds.maskfile import read_mask_file
+from tamt_ds.masking import TAMT_PATTERNS, check_settings, prepare_search
 from tamt_ds.models import DEFAULT_MODEL, load_model, load_tokenizer
 from tamt_ds.monitor import Monitor, memory_mb
 from tamt_ds.objectives import OBJECTIVES, compute_loss, kd_loss, mlm_accuracy, teacher_hidden_states
@@ -146,23 +146,14 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
                                    grad_accum=args.gradient_accumulation_steps, grad_clip=args.max_grad_norm)
     mask_file = read_mask_file(args.mask_init) if args.mask_init not in ("magnitude", "random") else None
 
-    # Model: frozen weights, partitioned at load under ZeRO-3; one score next to each masked weight.
+    # Model: frozen weights, partitioned at load under ZeRO-3; one score next to each masked
+    # weight, initialised; the MLM head (if any) trains with the scores.
     tokenizer = load_tokenizer(args.model_name_or_path)
     use_mlm = "mlm" in args.objective
     model = load_model(args.model_name_or_path, with_mlm_head=use_mlm, ds_config=ds_config)
-    head = [p for n, p in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")] if use_mlm else []
-    for p in model.parameters():
-        p.requires_grad_(False)
-    masks = attach_masks(model, args.mask_patterns, sparsity=args.sparsity, scope=args.threshold_scope)
-    init = "file" if mask_file is not None else args.mask_init
-    file_masks = masks_for_model(mask_file, model, masks, args.mask_init) if mask_file else None
-    masks.init_scores(init, seed=args.seed, mask_file=file_masks)
-    # The MLM head trains with the scores; its decoder is tied to the (frozen, unmasked) embedding.
-    tied = {id(p) for p in model.get_input_embeddings().parameters()}
-    for p in head:
-        if id(p) not in tied:
-            p.requires_grad_(True)
-    trainable = masks.scores + [p for p in head if p.requires_grad]
+    masks, trainable = prepare_search(model, sparsity=args.sparsity, patterns=args.mask_patterns,
+                                      scope=args.threshold_scope, init=args.mask_init, seed=args.seed,
+                                      mask_file=mask_file)
 
     engine, scheduler = eng.build_engine(model, ds_config, params=trainable, lr=args.learning_rate,
                                          weight_decay=args.weight_decay, total_steps=args.max_steps,
@@ -182,7 +173,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
             step = state["step"]
             masks.load_cuts(state["cuts"])
             loader.load_state_dict(state["data"])
-            masks.restore_initial(init, seed=args.seed, mask_file=file_masks)
+            masks.restore_initial()
 
     monitor = Monitor(args.output_dir, total_steps=args.max_steps, start_step=step)
     monitor.write(f"TAMT-{args.objective} | sparsity {args.sparsity} | {len(masks)} masked matrices | "

@@ -1,45 +1,89 @@
 """Exact bottom-k selection over sharded tensors, without gathering any of them.
 
 A *cut* says which entries of a matrix are pruned: those with value < tau, plus the
-ties (value == tau) whose flat index is < boundary.  Choosing tau as the k-th
-smallest value and boundary so that exactly k - #(value < tau) ties fall below it
-prunes exactly k entries, whatever the ties, deterministically (lowest flat index
-first).  Real checkpoints have tied magnitudes, bf16 scores tie a lot, and untrained
-matrices keep their {0, 2*tau0} scores, so ties are the normal case.
+ties (value == tau) whose *tie key* is <= tie_key.  The tie key of an entry is a
+seeded bijective hash of its flat index (`tie_keys`), so ties are pruned in a
+pseudo-random order that is the same on every rank, and exactly k entries are pruned
+whatever the ties.  Real checkpoints have tied magnitudes, untrained matrices keep
+their {0, 2*tau0} scores, and bf16 scores tie a lot (near 0.02 bf16 has ~128 values
+per octave, so thousands of scores share the k-th value): pruning ties in flat-index
+order would prune the first rows (and the lowest token ids of an embedding) first.
 
-The k-th value is found by radix selection on the float bits: 4 passes, each one
-256-bin histogram per matrix, summed over ranks with a single all-reduce.  Only
-counts travel between ranks, never values.
+tau is found by radix selection on the float bits: 4 passes, each one 256-bin
+histogram per matrix, summed over ranks with a single all-reduce.  When only some
+ties are pruned, the same selection runs over the tie keys of the ties.  Only counts
+travel between ranks, never values.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from tamt_ds import sharding
 from tamt_ds.sharding import Shard
 
+# Part of a mask's definition: another seed prunes other ties.  Any 31-bit constant.
+TIE_SEED = 0x2545F491
+_KEY_MASK = (1 << 31) - 1
+MAX_MATRIX_NUMEL = 1 << 31  # tie keys are a permutation of [0, 2^31): flat indices must fit
+NO_TIES = -1  # tie_key that prunes no tie
+ALL_TIES = _KEY_MASK  # tie_key that prunes every tie (the largest key)
+_CACHED_KEYS_MAX = 1 << 23  # whole matrices up to this size keep their keys (int32) for the forward
 
-@dataclass
+
+def tie_keys(index: torch.Tensor) -> torch.Tensor:
+    """Tie keys of flat indices in [0, 2^31): a seeded bijection of [0, 2^31) onto itself
+    (a 31-bit variant of the lowbias32 integer hash), int64.
+
+    Every step is invertible on 31-bit values (adding a constant, xor with a right
+    shift, multiplying by an odd constant, all mod 2^31), so distinct indices get
+    distinct keys; products stay below 2^63, so no int64 overflow on any device.
+    """
+    h = (index + TIE_SEED) & _KEY_MASK
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _KEY_MASK
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & _KEY_MASK
+    return h ^ (h >> 16)
+
+
+@functools.lru_cache(maxsize=8)
+def _matrix_tie_keys(numel: int, device: torch.device) -> torch.Tensor:
+    """Tie keys of a whole matrix, kept per size: the forward applies the cut to whole
+    matrices every step, and a handful of distinct shapes cost a few MB (int32)."""
+    return tie_keys(torch.arange(numel, device=device)).to(torch.int32)
+
+
+@dataclass(frozen=True)
 class Cut:
     tau: float
-    boundary: int  # ties with flat index < boundary are pruned
+    tie_key: int = NO_TIES  # ties (value == tau) whose tie key is <= tie_key are pruned
 
-    def keep(self, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Bool keep-mask of `values` (any shape, flattened order), which start at flat index `offset`."""
-        keep = values > self.tau
-        pruned_ties = self.boundary - offset
-        if pruned_ties < values.numel():  # some ties here are kept
-            ties = values == self.tau
-            if pruned_ties > 0:
-                ties.view(-1)[:pruned_ties] = False
-            keep |= ties
-        return keep
+    def keep(self, values: torch.Tensor, offset: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool keep-mask of `values`: a whole matrix (offset 0), a flat shard that starts at
+        flat index `offset`, or rows gathered from a matrix (`rows`: their row indices;
+        values[..., j] is column j).  The same entry gets the same answer in every form."""
+        if self.tie_key < 0:
+            return values >= self.tau
+        if self.tie_key >= ALL_TIES:
+            return values > self.tau
+        keys = _keys_of(values, offset, rows)
+        return torch.where(keys <= self.tie_key, values > self.tau, values >= self.tau)
 
 
-KEEP_ALL = Cut(float("-inf"), 0)
+def _keys_of(values: torch.Tensor, offset: int, rows: torch.Tensor | None) -> torch.Tensor:
+    if rows is not None:
+        cols = values.shape[-1]
+        return tie_keys(rows.unsqueeze(-1) * cols + torch.arange(cols, device=values.device))
+    if offset == 0 and values.dim() > 1 and values.numel() <= _CACHED_KEYS_MAX:
+        return _matrix_tie_keys(values.numel(), values.device).view(values.shape)
+    return tie_keys(torch.arange(offset, offset + values.numel(), device=values.device)).view(values.shape)
+
+
+KEEP_ALL = Cut(float("-inf"))
 
 
 def _sort_keys(values: torch.Tensor) -> torch.Tensor:
@@ -55,16 +99,17 @@ def _key_to_float(key: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
-def _kth_keys(groups: Sequence[Sequence[Shard]], ks: Sequence[int], reduce: bool) -> list[int]:
-    """Key of the k-th smallest value (1-based) of each group of shards."""
+def _kth_smallest(groups: Sequence[Sequence], ks: Sequence[int], keys_of: Callable, reduce: bool) -> list[int]:
+    """The k-th smallest (1-based) key of each group of items; `keys_of(item)` gives this
+    rank's int64 keys in [0, 2^32) of one item (recomputed each pass: nothing big is kept)."""
     n = len(groups)
     prefix = torch.zeros(n, dtype=torch.int64)
     remaining = torch.tensor(list(ks), dtype=torch.int64)
     for shift in (24, 16, 8, 0):
         hist = torch.zeros(n, 256, dtype=torch.int64)
-        for g, shards in enumerate(groups):
-            for shard in shards:
-                keys = _sort_keys(shard.values)
+        for g, items in enumerate(groups):
+            for item in items:
+                keys = keys_of(item)
                 if shift < 24:
                     keys = keys[(keys >> (shift + 8)) == prefix[g]]
                 hist[g] += torch.bincount((keys >> shift) & 255, minlength=256).cpu()
@@ -77,58 +122,52 @@ def _kth_keys(groups: Sequence[Sequence[Shard]], ks: Sequence[int], reduce: bool
     return prefix.tolist()
 
 
-def _boundaries(groups, keys, quotas, reduce: bool) -> list[list[int]]:
-    """For each matrix, the flat index just past its last pruned tie.
-
-    A group's quota of ties is spent on its matrices in order (global scope has one
-    group of all matrices), and within a matrix in flat order, which ranks hold as
-    consecutive slices.  Only tie counts are exchanged.
-    """
-    out = []
-    me = sharding.rank() if reduce else 0
-    for shards, key, quota in zip(groups, keys, quotas):
-        ties = [(_sort_keys(s.values) == key) for s in shards]
-        per_rank = sharding.all_gather_counts(torch.tensor([int(t.sum()) for t in ties]), enabled=reduce)
-        total = per_rank.sum(0)
-        bounds = torch.zeros(len(shards), dtype=torch.int64)
-        for m, shard in enumerate(shards):
-            q = min(max(quota - int(total[:m].sum()), 0), int(total[m]))
-            if q == int(total[m]):
-                bounds[m] = shard.numel if q else 0
-                continue
-            before_me = int(per_rank[:me, m].sum())
-            if before_me < q <= before_me + int(per_rank[me, m]):  # this rank holds the q-th tie
-                bounds[m] = shard.offset + int(ties[m].nonzero()[q - before_me - 1]) + 1
-        sharding.all_reduce_(bounds, op="max", enabled=reduce)
-        out.append(bounds.tolist())
-    return out
-
-
 def bottom_k_cuts(shards: Sequence[Shard], ks: Sequence[int] | int, *, reduce: bool) -> list[Cut]:
-    """Cuts pruning exactly ks[i] entries of matrix i (per-matrix), or, when `ks` is a
-    single int, exactly ks entries over all matrices together (global scope, ties
-    spent in matrix order).  `reduce`: shards are disjoint across ranks, so sum counts."""
-    if isinstance(ks, int):
-        if ks <= 0:
-            return [KEEP_ALL for _ in shards]
-        groups, quotas_k = [list(shards)], [ks]
-    else:
-        groups, quotas_k = [[s] for s in shards], list(ks)
-    live = [i for i, k in enumerate(quotas_k) if k > 0]
-    keys = _kth_keys([groups[i] for i in live], [quotas_k[i] for i in live], reduce)
-    # How many entries lie strictly below the k-th value decides how many ties to prune.
-    less = torch.zeros(len(live), dtype=torch.int64)
-    for j, i in enumerate(live):
-        less[j] = sum(int((_sort_keys(s.values) < keys[j]).sum()) for s in groups[i])
-    sharding.all_reduce_(less, enabled=reduce)
-    quotas = [quotas_k[i] - int(less[j]) for j, i in enumerate(live)]
-    bounds = _boundaries([groups[i] for i in live], keys, quotas, reduce)
+    """Cuts pruning exactly ks[i] entries of matrix i (per matrix), or, when `ks` is a
+    single int, exactly ks entries over all matrices together (global scope: one tau,
+    ties ordered by tie key, and by matrix order among equal keys of different
+    matrices).  `reduce`: shards are disjoint across ranks, so sum counts."""
+    n = len(shards)
+    for s in shards:
+        if s.numel > MAX_MATRIX_NUMEL:
+            raise ValueError(f"a masked matrix has {s.numel} entries; tie keys cover at most {MAX_MATRIX_NUMEL}")
+    groups, quotas = ([list(range(n))], [ks]) if isinstance(ks, int) else ([[i] for i in range(n)], list(ks))
+    live = [g for g, k in enumerate(quotas) if k > 0]
+    # tau: the k-th smallest value of each group.
+    taus = _kth_smallest([[shards[i] for i in groups[g]] for g in live], [quotas[g] for g in live],
+                         lambda s: _sort_keys(s.values), reduce)
+    tau_of = {i: tau for g, tau in zip(live, taus) for i in groups[g]}
 
-    cuts: list[Cut] = []
-    if isinstance(ks, int):
-        tau = _key_to_float(keys[0])
-        return [Cut(tau, b) for b in bounds[0]]
-    result = {i: Cut(_key_to_float(keys[j]), bounds[j][0]) for j, i in enumerate(live)}
-    for i in range(len(shards)):
-        cuts.append(result.get(i, KEEP_ALL))
-    return cuts
+    def ties(i: int) -> torch.Tensor:
+        return _sort_keys(shards[i].values) == tau_of[i]
+
+    # Per matrix: entries below tau, ties at tau.  The group prunes k - below ties.
+    counts = torch.zeros(n, 2, dtype=torch.int64)
+    for i in tau_of:
+        keys = _sort_keys(shards[i].values)
+        counts[i, 0] = int((keys < tau_of[i]).sum())
+        counts[i, 1] = int((keys == tau_of[i]).sum())
+    sharding.all_reduce_(counts, enabled=reduce)
+    pruned_ties = {g: quotas[g] - int(counts[groups[g], 0].sum()) for g in live}
+    tie_key = {i: ALL_TIES for i in tau_of}
+    partial = [g for g in live if pruned_ties[g] < int(counts[groups[g], 1].sum())]
+    if partial:
+        def keys_of_ties(i: int) -> torch.Tensor:
+            return tie_keys(shards[i].offset + ties(i).nonzero().view(-1))
+
+        boundary = _kth_smallest([groups[g] for g in partial], [pruned_ties[g] for g in partial], keys_of_ties, reduce)
+        # Ties below the boundary key, and which matrices hold a tie at it (at most one
+        # each: keys are distinct within a matrix).
+        at = torch.zeros(n, 2, dtype=torch.int64)
+        for g, key in zip(partial, boundary):
+            for i in groups[g]:
+                keys = keys_of_ties(i)
+                at[i, 0], at[i, 1] = int((keys < key).sum()), int((keys == key).sum())
+        sharding.all_reduce_(at, enabled=reduce)
+        for g, key in zip(partial, boundary):
+            left = pruned_ties[g] - int(at[groups[g], 0].sum())  # ties at the boundary key still to prune
+            for i in groups[g]:
+                takes = left > 0 and int(at[i, 1]) > 0
+                left -= int(takes)
+                tie_key[i] = key if takes else key - 1
+    return [Cut(_key_to_float(tau_of[i]), tie_key[i]) if i in tau_of else KEEP_ALL for i in range(n)]

@@ -68,9 +68,13 @@ def run_b(tiny_roberta, tmp_path_factory):
 
 
 def expected_omp(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Pruned entries of one-shot magnitude pruning: the k smallest |W|, ties by lowest index."""
+    """Pruned entries of one-shot magnitude pruning: the k smallest |W|, ties in tie-key order."""
+    from tamt_ds.thresholds import tie_keys
+
     k = int(weight.numel() * sparsity)
-    order = torch.sort(weight.abs().flatten(), stable=True).indices
+    magnitude = weight.abs().flatten()
+    by_key = torch.sort(tie_keys(torch.arange(magnitude.numel()))).indices
+    order = by_key[torch.sort(magnitude[by_key], stable=True).indices]  # by |W|, ties by tie key
     pruned = torch.zeros(weight.numel(), dtype=torch.bool)
     pruned[order[:k]] = True
     return pruned.view_as(weight)

@@ -2,11 +2,30 @@
 import pytest
 import torch
 
-from tamt_ds.masking import INIT_SCORE, TAMT_PATTERNS, MaskError, attach_masks, masks_disabled
+from tamt_ds.masking import INIT_SCORE, TAMT_PATTERNS, MaskError, attach_masks, masks_disabled, prepare_search
 from tamt_ds.maskfile import masks_for_model, read_mask_file, save_mask_file
 from tamt_ds.models import export_name, load_model
 from tamt_ds.sharding import Shard
-from tamt_ds.thresholds import Cut, bottom_k_cuts
+from tamt_ds.thresholds import ALL_TIES, TIE_SEED, bottom_k_cuts, tie_keys
+
+
+def test_tie_keys_are_a_seeded_bijection_without_overflow():
+    def reference(i):  # the same hash in Python integers
+        m = (1 << 31) - 1
+        h = (i + TIE_SEED) & m
+        h ^= h >> 16
+        h = (h * 0x7FEB352D) & m
+        h ^= h >> 15
+        h = (h * 0x846CA68B) & m
+        return h ^ (h >> 16)
+
+    first = tie_keys(torch.arange(1 << 22))
+    assert first.unique().numel() == 1 << 22  # distinct keys
+    assert 0 <= int(first.min()) and int(first.max()) < 1 << 31
+    high = torch.tensor([0, 1, 12345, (1 << 31) - 2, (1 << 31) - 1, 1_999_999_999])
+    assert tie_keys(high).tolist() == [reference(int(i)) for i in high]
+    # not the index order: the first pruned ties are spread over the matrix
+    assert torch.argsort(first[:4096])[:64].float().mean() > 1000
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -22,10 +41,11 @@ def test_bottom_k_is_exact_and_tau_is_kthvalue(ties):
             assert int((~keep).sum()) == k
             if k:
                 assert cut.tau == torch.kthvalue(m, k).values.item()
-                # ties are pruned lowest flat index first
+                # the pruned ties are those with the smallest tie keys
                 tie_idx = (m == cut.tau).nonzero().view(-1)
-                pruned_ties = (~keep)[tie_idx]
-                assert torch.equal(pruned_ties, pruned_ties.sort(descending=True).values)
+                keys, pruned = tie_keys(tie_idx), ~keep[tie_idx]
+                if pruned.any() and (~pruned).any():
+                    assert keys[pruned].max() < keys[~pruned].min()
 
 
 def test_global_scope_prunes_exactly_k_over_all_matrices():
@@ -33,17 +53,46 @@ def test_global_scope_prunes_exactly_k_over_all_matrices():
     cuts = bottom_k_cuts([Shard(m, 0, m.numel()) for m in mats], 4, reduce=False)
     keeps = [c.keep(m) for c, m in zip(cuts, mats)]
     assert sum(int((~k).sum()) for k in keeps) == 4
-    # five zeros tie; the first four in (matrix, index) order are pruned
-    assert keeps[0].tolist() == [False, False, True, True]
-    assert keeps[1].tolist() == [False, True, False, True, True]
+    # five zeros tie: the four with the smallest (tie key, matrix) are pruned
+    zeros = sorted((int(tie_keys(torch.tensor(i))), m, i) for m, x in enumerate(mats) for i in range(len(x)) if x[i] == 0)
+    pruned = {(m, i) for _, m, i in zeros[:4]}
+    for m, keep in enumerate(keeps):
+        assert keep.tolist() == [(m, i) not in pruned and mats[m][i] >= 0 for i in range(len(mats[m]))]
+    # equal tie keys in two matrices are taken in matrix order: exactly k all the same
+    same = [torch.zeros(6), torch.zeros(6)]
+    for k in range(13):
+        cuts = bottom_k_cuts([Shard(m, 0, 6) for m in same], k, reduce=False)
+        assert sum(int((~c.keep(m)).sum()) for c, m in zip(cuts, same)) == k
 
 
-def test_cut_on_shards_equals_cut_on_whole():
-    values = torch.tensor([1.0, 1, 1, 0, 1, 2, 1, 1])
-    cut = Cut(1.0, 5)  # ties at flat index < 5 pruned
-    whole = cut.keep(values)
-    assert torch.equal(torch.cat([cut.keep(values[:3], 0), cut.keep(values[3:], 3)]), whole)
-    assert whole.tolist() == [False, False, False, False, False, True, True, True]
+def test_cut_is_the_same_on_a_whole_matrix_its_shards_and_gathered_rows():
+    g = torch.Generator().manual_seed(0)
+    for rows, cols in ((7, 5), (64, 48)):
+        values = (torch.rand(rows, cols, generator=g) * 3).floor().to(torch.bfloat16)  # 3 values: massive ties
+        k = int(values.numel() * 0.5)
+        (cut,) = bottom_k_cuts([Shard(values.view(-1), 0, values.numel())], [k], reduce=False)
+        assert 0 <= cut.tie_key < ALL_TIES  # some ties pruned, some kept
+        whole = cut.keep(values)
+        assert int((~whole).sum()) == k
+        cuts_at = [0, 3, 17, values.numel() // 2, values.numel()]
+        flat = values.view(-1)
+        shards = [cut.keep(flat[a:b], a) for a, b in zip(cuts_at, cuts_at[1:])]
+        assert torch.equal(torch.cat(shards), whole.view(-1))
+        ids = torch.randint(0, rows, (3, 9), generator=g)
+        assert torch.equal(cut.keep(values[ids], rows=ids), whole[ids])
+
+
+def test_bf16_ties_are_pruned_evenly_over_rows_and_columns():
+    """Every score ties (as bf16 scores near 0.02 do by the thousand): a quarter of the
+    rows (and of the columns) gets a quarter of the pruned entries, not all of them."""
+    scores = torch.full((512, 384), 0.02, dtype=torch.bfloat16)
+    k = int(scores.numel() * 0.3)
+    (cut,) = bottom_k_cuts([Shard(scores.view(-1), 0, scores.numel())], [k], reduce=False)
+    pruned = ~cut.keep(scores)
+    assert int(pruned.sum()) == k
+    for dim in (1, 0):
+        per_quarter = pruned.sum(dim).view(4, -1).sum(1).double()
+        assert ((per_quarter - k / 4).abs() < 0.01 * k / 4).all(), per_quarter.tolist()
 
 
 def test_straight_through_gradients():
@@ -53,16 +102,71 @@ def test_straight_through_gradients():
                          sparsity=0.5)
     masks.init_scores("magnitude")
     keep = masks.full_masks()["pooler.dense"]
-    x = torch.randn(5, 4)
+    x = torch.randn(2, 5, 4)
     lin.weight.requires_grad_(True)
     out = lin(x)
     assert torch.allclose(out, x @ (w * keep).T + lin.bias)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
-    grad_eff = grad_out.T @ x  # dL/dW_eff
+    grad_eff = grad_out.reshape(-1, 3).T @ x.reshape(-1, 4)  # dL/dW_eff
     assert torch.allclose(lin.mask_score.grad, grad_eff * w)  # identity STE: dL/dS = dL/dW_eff * W
     assert torch.allclose(lin.weight.grad, grad_eff * keep)  # pruned weights get exactly zero gradient
     assert (lin.weight.grad[~keep] == 0).all()
+    assert torch.allclose(lin.bias.grad, grad_out.sum((0, 1)))
+
+
+def test_straight_through_gradients_of_an_embedding_on_looked_up_rows():
+    emb = torch.nn.Embedding(11, 6, padding_idx=0)
+    masks = attach_masks(torch.nn.ModuleDict({"embeddings": torch.nn.ModuleDict({"word_embeddings": emb})}),
+                         sparsity=0.6)
+    masks.init_scores("random", seed=2)
+    w, keep = emb.weight.detach().clone(), masks.full_masks()["embeddings.word_embeddings"]
+    ids = torch.tensor([[0, 3, 3, 7], [10, 1, 0, 3]])
+    emb.weight.requires_grad_(True)
+    out = emb(ids)
+    # reference: plain autograd through F.embedding(ids, W * m) with m's gradient passed to S
+    w_ref, s_ref = w.clone().requires_grad_(True), torch.zeros_like(w, requires_grad=True)
+    ref = torch.nn.functional.embedding(ids, w_ref * (keep + s_ref - s_ref.detach()), padding_idx=0)
+    assert torch.equal(out, ref)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref.backward(grad_out)
+    assert torch.allclose(emb.weight.grad, w_ref.grad) and torch.allclose(emb.mask_score.grad, s_ref.grad)
+    assert (emb.weight.grad[~keep] == 0).all() and (emb.mask_score.grad[0] == 0).all()  # padding row: no gradient
+
+
+def test_masked_forward_saves_nothing_weight_sized_for_backward(tiny_roberta_mlm):
+    """What autograd keeps from a masked forward (besides the parameters themselves, which
+    ZeRO-3 re-gathers for backward) is no more than what the dense forward that trains
+    the same matrices keeps, and holds no copy of any masked matrix (W * m or m)."""
+    model = load_model(tiny_roberta_mlm, with_mlm_head=True)
+    masks, _ = prepare_search(model, sparsity=0.7)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {tuple(s.score.shape) for s in masks}
+    ids = torch.randint(5, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def saved(forward) -> tuple[int, list]:
+        nbytes, sized = 0, []
+
+        def pack(t):
+            nonlocal nbytes
+            if t.untyped_storage().data_ptr() not in params:
+                nbytes += t.untyped_storage().nbytes()
+                if tuple(t.shape) in shapes:
+                    sized.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward().logits.float().sum().backward()
+        return nbytes, sized
+
+    masked_bytes, masked_sized = saved(lambda: model(ids))
+    for s in masks:
+        s.score.requires_grad_(False)
+        s.weight.requires_grad_(True)
+    with masks_disabled(masks):
+        dense_bytes, _ = saved(lambda: model(ids))
+    assert masked_sized == [] and masked_bytes <= dense_bytes, (masked_sized, masked_bytes, dense_bytes)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])

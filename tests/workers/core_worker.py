@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from tamt_ds import engine as eng, sharding  # noqa: E402
-from tamt_ds.masking import attach_masks  # noqa: E402
+from tamt_ds.masking import prepare_search  # noqa: E402
 from tamt_ds.models import load_model  # noqa: E402
 from tamt_ds.objectives import compute_loss  # noqa: E402
 
@@ -44,16 +44,7 @@ def main():
         model = load_model(model_dir, with_mlm_head=use_mlm, ds_config=cfg)
     else:
         model = load_model(model_dir, with_mlm_head=use_mlm)
-    head = [p for n, p in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")] if use_mlm else []
-    for p in model.parameters():
-        p.requires_grad_(False)
-    masks = attach_masks(model, sparsity=SPARSITY)
-    masks.init_scores("magnitude")
-    tied = {id(p) for p in model.get_input_embeddings().parameters()}
-    for p in head:
-        if id(p) not in tied:
-            p.requires_grad_(True)
-    params = masks.scores + [p for p in head if p.requires_grad]
+    masks, params = prepare_search(model, sparsity=SPARSITY)
     facts = {"partitioned": [(s.name, sharding.is_partitioned(s.score), sharding.is_partitioned(s.weight),
                               sharding.local_shard(s.score).values.numel(), s.score.ds_numel if sharding.is_partitioned(s.score) else s.score.numel())
                              for s in masks]}
