@@ -192,7 +192,6 @@ class MaskSet:
         check_settings(sparsity, scope)
         self.sites, self.sparsity, self.scope = sites, sparsity, scope
         self.init_args: dict = {}  # how init_scores made the initial mask, to remake it on resume
-        self.fixed_k: list[int] | None = None
 
     def __iter__(self):
         return iter(self.sites)
@@ -208,26 +207,13 @@ class MaskSet:
         return sharding.shards_are_disjoint(self.scores)
 
     def _per_matrix_k(self) -> list[int]:
-        if self.fixed_k is not None:
-            return list(self.fixed_k)
         return [int(sharding.full_numel(s.score) * self.sparsity) for s in self.sites]
-
-    def fix_counts(self, mask_file: dict[str, torch.Tensor]) -> None:
-        self.fixed_k = [int((~mask_file[s.name].bool()).sum()) for s in self.sites]
-        self.sparsity = sum(self.fixed_k) / sum(mask_file[s.name].numel() for s in self.sites)
-
-    @torch.no_grad()
-    def zero_pruned_weights(self) -> None:
-        for site in self.sites:
-            w = sharding.local_shard(site.weight)
-            w.values.mul_(site.local_keep().to(w.values.dtype))
 
     # ---- thresholds -------------------------------------------------------------
     def reset_thresholds(self) -> None:
         """tau := k-th smallest score (per matrix or over all), exact under ZeRO-3."""
         shards = [sharding.local_shard(s) for s in self.scores]
-        ks = int(sum(s.numel for s in shards) * self.sparsity) if self.scope == "global" and self.fixed_k is None \
-            else self._per_matrix_k()
+        ks = int(sum(s.numel for s in shards) * self.sparsity) if self.scope == "global" else self._per_matrix_k()
         for site, cut in zip(self.sites, bottom_k_cuts(shards, ks, reduce=self._reduce())):
             site.module.mask_cut = cut
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tamt_ds.masking import INIT_SCORE, TAMT_PATTERNS, MaskError, attach_masks, masks_disabled, prepare_search
+from tamt_ds.masking import INIT_SCORE, MaskError, attach_masks, masks_disabled, prepare_search
 from tamt_ds.maskfile import masks_for_model, read_mask_file, save_mask_file
 from tamt_ds.models import export_name, load_model
 from tamt_ds.sharding import Shard

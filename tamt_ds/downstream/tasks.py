@@ -69,6 +69,11 @@ class TaskSpec:
     eval_splits: tuple[str, ...]  # first one is "the dev set" for best-dev selection
     version_2: bool = False  # SQuAD 2.0: unanswerable questions exist
 
+    @property
+    def head(self) -> str:
+        """The model head (models.task_model_class): SQuAD's start/end logits, else a classifier."""
+        return "question_answering" if self.kind == "squad" else "classification"
+
 
 def metric_key(split: str, metric: str) -> str:
     """Flat metric name for `metric` computed on eval split `split`."""
