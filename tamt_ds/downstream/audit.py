@@ -35,8 +35,8 @@ def measure_sparsity(model: nn.Module, mask: FixedMask | None) -> dict:
             pruned = ~keep
             counts[i, 1] = int((shard.values[pruned] != 0).sum())
             master = _local_fp32_master(weight, shard.values.numel())
-            if master is not None:
-                counts[i, 2] = int((master[pruned] != 0).sum())
+            if master is not None:  # (on the CPU with an offloaded optimizer)
+                counts[i, 2] = int((master[pruned.to(master.device)] != 0).sum())
     sharding.all_reduce_(counts, enabled=sharding.shards_are_disjoint([w for _, w, _ in matrices]))
     numel = [sharding.full_numel(w) for _, w, _ in matrices]
     return {

@@ -91,8 +91,8 @@ class FixedMask:
             if sharding.is_partitioned(m.weight):  # ZeRO-3 holds this rank's partition of the gradient
                 from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
-                grad = safe_get_local_grad(m.weight)
-                grad.view(-1)[:m.keep.numel()].mul_(m.keep)  # beyond: the partition's padding
+                grad = safe_get_local_grad(m.weight)  # on the accelerator, even with offload
+                grad.view(-1)[:m.keep.numel()].mul_(m.keep.to(grad.device, non_blocking=True))  # beyond: padding
                 safe_set_local_grad(m.weight, grad)
             elif m.weight.grad is not None:
                 m.weight.grad.mul_(m.keep.view_as(m.weight.grad))

@@ -2,7 +2,8 @@
 
 usage: core_worker.py MODEL_DIR OUT_FILE OBJECTIVE STEPS zero3|plain
 Trains masks on fixed seeded batches and saves, from rank 0: per-step losses, the
-initial and final consolidated masks, thresholds, and partition facts.
+initial and final consolidated masks, thresholds, partition facts, and (ZeRO-3) whether
+every masked weight and score was released between forward and backward.
 """
 import os
 import sys
@@ -41,6 +42,10 @@ def main():
         eng.init_distributed()
         cfg = eng.load_ds_config(os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "zero3_cpu.json"),
                                  micro_batch=MICRO, grad_accum=1, grad_clip=1.0)
+        # Release every gathered parameter right after its module's forward (no reuse, no
+        # prefetch), so that each backward runs on parameters ZeRO-3 gathered again.
+        cfg["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_max_live_parameters=0,
+                                        stage3_prefetch_bucket_size=0)
         model = load_model(model_dir, with_mlm_head=use_mlm, ds_config=cfg)
     else:
         model = load_model(model_dir, with_mlm_head=use_mlm)
@@ -50,12 +55,14 @@ def main():
                              for s in masks]}
     init_masks = masks.full_masks()
     vocab = model.config.vocab_size
-    losses = []
+    losses, released = [], []
     if mode == "zero3":
         engine, _ = eng.build_engine(model, cfg, params=params, lr=LR, weight_decay=0.01, total_steps=steps)
         for step in range(steps):
             batch = batches(step, vocab, world)[sharding.rank()]
             terms = compute_loss(objective, engine, masks, batch)
+            # between forward and backward: the weights and scores are back to their empty placeholders
+            released.append(all(p.data.numel() == 0 for s in masks for p in (s.weight, s.score)))
             engine.backward(terms["loss"])
             engine.step()
             loss = terms["loss"].detach().clone()
@@ -85,7 +92,7 @@ def main():
     for s in masks:
         with sharding.gathered([s.score]):
             full_scores[s.name] = s.score.data.detach().clone().float().cpu()
-    result = {"losses": losses, "init_masks": init_masks, "final_masks": masks.full_masks(), "cuts": masks.cuts(),
+    result = {"losses": losses, "released": released, "init_masks": init_masks, "final_masks": masks.full_masks(), "cuts": masks.cuts(),
               "scores": full_scores, "stats": masks.stats(update_last=False), **facts}
     if sharding.rank() == 0:
         torch.save(result, out)
