@@ -147,8 +147,8 @@ def run_blocks(args) -> int:
         for kind in ORDER if i % 2 == 0 else ORDER[::-1]:
             argv = [sys.executable, os.path.abspath(__file__), "--only", kind]
             if args.nproc > 1:
-                argv[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-                             "--master_port", str(free_port())]
+                torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+                argv[:1] = [torchrun, "--nproc_per_node", str(args.nproc), "--master_port", str(free_port())]
             for name in ("mode", "model", "objective", "sparsity", "batch", "seq", "steps", "warmup", "deepspeed"):
                 if getattr(args, name) is not None:
                     argv += [f"--{name}", str(getattr(args, name))]
