@@ -37,7 +37,9 @@ from tamt_ds.downstream.squad import postprocess_predictions, squad_metrics
 from tamt_ds.downstream.study import _json_safe, aggregate_seeds, study_table, write_study
 from tamt_ds.downstream.tasks import KNOWN_TASKS, LOCAL_PREFIX, TaskError, TaskSpec, _subset, load_task, \
     tokenize_split
+from tamt_ds.errors import InputError
 from tamt_ds.export import replace_dir
+from tamt_ds.guards import NonFiniteGuard, check_shared_dir
 from tamt_ds.maskfile import masks_for_model, read_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, MaskError, MaskSet, attach_masks
 from tamt_ds.models import (DEFAULT_MODEL, ModelError, export_name, load_task_model, load_tokenizer,
@@ -83,10 +85,12 @@ class FinetuneArguments:
     output_dir: str = "outputs/finetune"
     overwrite_output_dir: bool = False
     save_model: bool = field(default=False, metadata={"help": "save the fine-tuned model (plain transformers layout)"})
+    dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
+        "help": "seconds a rank waits for its peers before the run stops (see docs/cluster.md)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
-class FinetuneError(ValueError):
+class FinetuneError(InputError):
     pass
 
 
@@ -162,6 +166,8 @@ def validate(args: FinetuneArguments) -> None:
         raise FinetuneError(f"--max_steps must be at least 1 (or left out), got {args.max_steps}")
     if not 0.0 <= args.warmup_ratio < 1.0:
         raise FinetuneError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.dist_timeout <= 0:
+        raise FinetuneError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.eval_steps < 0:
         raise FinetuneError(f"--eval_steps must be >= 0 (0: evaluate at the end only), got {args.eval_steps}")
 
@@ -484,18 +490,22 @@ def run_seed(args: FinetuneArguments, data: TaskData, seed: int, ds_config: dict
     history, best, best_step, final = [], None, 0, None
     window = {"t": time.perf_counter(), "loss": 0.0, "n": 0, "tokens": 0}
     engine.train()
+    diverged = NonFiniteGuard(device)
     for step in range(1, total + 1):
         for _ in range(args.gradient_accumulation_steps):
             batch = to_device(next(batches), device)
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer (and the schedule) at the accumulation boundary
+            diverged.observe(loss, step)
             loss = float(loss.detach())
             window["loss"] += loss
             window["n"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
         monitor.step(loss=loss)
 
+        if step % args.logging_steps == 0 or (args.eval_steps and step % args.eval_steps == 0) or step == total:
+            diverged.check(kept="results.json keeps the seeds finished before")
         if step % args.logging_steps == 0 or step == total:
             log_train(monitor, step, tag, scheduler, window)
         if (args.eval_steps and step % args.eval_steps == 0) or step == total:
@@ -633,9 +643,9 @@ def finetune(args: FinetuneArguments) -> dict:
     validate(args)
     names = task_names(args)
     seeds = parse_seeds(args.seeds)
+    eng.init_distributed(args.dist_timeout)  # before the file checks: a node may lack a file the others have
     mask = parse_mask(args.mask)
     mask_file = read_mask_file(mask.path) if mask.kind == "file" else None
-    eng.init_distributed()
     if sharding.rank() != 0:  # one copy of the load reports and progress bars
         import datasets
         import transformers
@@ -652,6 +662,7 @@ def finetune(args: FinetuneArguments) -> dict:
     study = args.tasks is not None
     task_dirs = {n: os.path.join(args.output_dir, slug(n)) if study else args.output_dir for n in names}
     prepare_output_dirs(args, list(task_dirs.values()), study)
+    check_shared_dir(args.output_dir)
     all_results = {}
     for name, data in tasks.items():
         out_dir = task_dirs[name]
@@ -704,4 +715,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tamt_ds.errors import exit_process
+
+    exit_process(main())
