@@ -77,9 +77,17 @@ def _report(text: str, key: str, every_rank_before_init: bool = False) -> None:
     if sharding.initialized():
         if not sharding.first_to_claim(key):
             return
-    elif os.environ.get("RANK", "0") != "0" and not every_rank_before_init:
+    elif _launcher_rank() != "0" and not every_rank_before_init:
         return
     print(text, file=sys.stderr, flush=True)
+
+
+def _launcher_rank() -> str:
+    """This process's global rank as its launcher set it (torchrun / deepspeed, MPICH, Open MPI)."""
+    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if key in os.environ:
+            return os.environ[key]
+    return "0"
 
 
 def _where() -> str:
@@ -91,8 +99,10 @@ def _where() -> str:
 
 
 def _silent_ranks() -> str:
-    from tamt_ds.guards import silent_ranks
+    from tamt_ds.guards import Heartbeat, silent_ranks
 
+    if not Heartbeat.running():
+        return "see the other ranks' errors"
     silent = silent_ranks()
     if silent is None:
         return "the rank hosting the rendezvous store stopped answering too (see the other ranks' errors)"

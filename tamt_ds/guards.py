@@ -40,6 +40,10 @@ class Heartbeat:
             cls._running._thread.start()
 
     @classmethod
+    def running(cls) -> bool:
+        return cls._running is not None
+
+    @classmethod
     def stop(cls) -> None:
         """Join the thread, so that it is not inside a store call when the group goes away."""
         if cls._running is not None:
@@ -57,8 +61,6 @@ class Heartbeat:
 
 def silent_ranks(wait_s: float = 3 * BEAT_PERIOD_S) -> list[int] | None:
     """Ranks whose heartbeat did not move during `wait_s` (None: the store did not answer)."""
-    if Heartbeat._running is None:
-        return None
     before = sharding.heartbeats()
     if before is None:
         return None

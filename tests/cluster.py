@@ -98,7 +98,8 @@ class Launch:
             for c in psutil.Process(p.pid).children(recursive=True):
                 try:
                     e = c.environ()
-                    if "RANK" in e and _runs_script(c):
+                    # DataLoader workers are forks of their rank (same command and RANK): skip them
+                    if "RANK" in e and _runs_script(c) and not _runs_script(c.parent()):
                         out[int(e["RANK"])] = c
                 except psutil.Error:
                     pass
@@ -106,6 +107,7 @@ class Launch:
 
 
 def _runs_script(proc: psutil.Process) -> bool:
+    """The process runs a launcher script itself (not a launcher of it)."""
     cmd = proc.cmdline()
     return any(a.endswith(("search.py", "finetune.py")) for a in cmd) and not any(
         a in ("deepspeed.launcher.launch", "torch.distributed.run") for a in cmd)

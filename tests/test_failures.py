@@ -146,14 +146,15 @@ def test_input_error_on_one_node_only_is_one_line_naming_it(tiny_bert, tmp_path)
     cwds = [tmp_path / "node0", tmp_path / "node1"]
     for d in cwds:
         d.mkdir()
-    (cwds[0] / "corpus.txt").write_text("Plain words of a small test corpus, repeated. " * 400)
+    (cwds[0] / "corpus.txt").write_text("".join(f"Line {i} of a small test corpus, in plain words.\n" for i in range(3000)))
     args = search_args(tiny_bert, tmp_path / "run", *LONG, "--train_files", "corpus.txt")
     launch = Launch([deepspeed_node(hosts, i, port, SEARCH, args) for i in range(2)], tmp_path / "logs", cwds=cwds)
     codes = exit_times(launch, launch.t0, 600)
     assert all(code != 0 for code, _ in codes), codes
     lines = error_lines(launch.stderr())
-    mine = [l for l in lines if l.startswith("error: [rank 1/2 on ")]
-    assert len(mine) == 1 and "corpus.txt" in mine[0], launch.text()[-6000:]
+    assert len(lines) == 2, launch.text()[-6000:]
+    assert lines[0].startswith("error: [rank 0/2 on ") and "rank 1 stopped answering" in lines[0], lines
+    assert lines[1].startswith("error: [rank 1/2 on ") and "corpus file not found: 'corpus.txt'" in lines[1], lines
     assert "Traceback" not in launch.stderr(), launch.text()[-6000:]
 
 
