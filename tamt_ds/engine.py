@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from tamt_ds.errors import InputError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
-class EngineError(ValueError):
+class EngineError(InputError):
     pass
 
 
@@ -64,8 +66,17 @@ def precision(cfg: dict) -> torch.dtype:
     return torch.float32
 
 
-def init_distributed() -> None:
-    """One process group for every launcher: deepspeed, torchrun (env vars) or mpirun (MPI discovery)."""
+DEFAULT_DIST_TIMEOUT_S = 600  # torch's NCCL default; longer than any rank-0-only stretch (export, checkpoint)
+
+
+def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> None:
+    """One process group for every launcher: deepspeed, torchrun (env vars) or mpirun (MPI discovery).
+
+    `timeout_s` bounds every collective: a rank that waits longer for a peer raises
+    instead of hanging (gloo enforces it per operation; NCCL through its watchdog,
+    which async error handling turns into an abort of the stuck rank)."""
+    import datetime
+
     import deepspeed
 
     from tamt_ds import sharding
@@ -76,9 +87,59 @@ def init_distributed() -> None:
         # Plain `python launchers/x.py`: a one-process group, no MPI needed.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(verbose=False)
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out NCCL collective ends the process
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(local_rank())  # before the group forms, so NCCL binds this rank's GPU
+    build_comm_op()
+    # Under mpirun DeepSpeed derives RANK / LOCAL_RANK / MASTER_ADDR from MPI and takes the
+    # port from this argument (not from MASTER_PORT): honour a MASTER_PORT the user set.
+    port = int(os.environ.get("MASTER_PORT", 29500))
+    deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=timeout_s), distributed_port=port)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local_rank())  # mpirun: LOCAL_RANK is known only now
+    from tamt_ds.guards import Heartbeat
+
+    Heartbeat.start()  # lets a rank whose collective failed name the peers that stopped answering
+
+
+def shutdown() -> None:
+    """After a clean run, on every rank: stop the heartbeat, then end the process group together."""
+    from tamt_ds import sharding
+    from tamt_ds.guards import Heartbeat
+
+    Heartbeat.stop()
+    sharding.shutdown()
+
+
+def build_comm_op() -> str | None:
+    """Compile DeepSpeed's shared-memory comm op if this machine lacks it; its file (None: no such op here).
+
+    DeepSpeed's CPU accelerator JIT-builds it when the process group forms (~80 s once per
+    machine, then cached under TORCH_EXTENSIONS_DIR), on every rank of a node at once:
+    torch lets one rank build while the others poll its lock file, and a build killed
+    half-way leaves that file behind, so every later run would wait on it forever.  Here
+    ranks take turns under an flock (the kernel drops it when its holder dies), and a lock
+    file found while holding it was left by a dead build.  `make` builds it at set-up."""
+    import fcntl
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None  # e.g. CUDA: nothing to build
+    build_dir = _get_build_directory(builder.NAME, verbose=False)
+    with open(os.path.join(build_dir, "tamt-build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(build_dir, "lock")):
+            os.remove(os.path.join(build_dir, "lock"))
+        return builder.load(verbose=False).__file__
+
+
+def local_rank() -> int:
+    """This process's index among the ranks of its node: picks the GPU, never names files or logs."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def _free_port() -> int:

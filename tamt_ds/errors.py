@@ -1,8 +1,26 @@
-"""Bad input ends a run with one line that names the fix, and a non-zero exit code."""
+"""How a run ends when something goes wrong, on any rank.
+
+- `InputError` (the base of every project error class: bad input or settings the user
+  can fix) ends the run with ONE line naming the fix, exit code 2.
+- A rank that lost its peers (a collective failed because a rank died, or stopped
+  answering for --dist_timeout seconds) says so in one line, naming the ranks whose
+  heartbeat stopped when it can tell; exit code 1.
+- Anything else is a bug or an environment problem: its traceback is kept, exit code 1.
+
+In a multi-rank run every line names the rank and host; a message several ranks share
+is printed once.  Before the process group exists, only argument checks (the same on
+every rank) can fail, so rank 0 alone reports them.  TAMT_DEBUG=1 re-raises everything.
+"""
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import traceback
+
+
+class InputError(ValueError):
+    """Bad input or settings: the message is one line that names the fix."""
 
 
 def run_cli(fn) -> int:
@@ -11,10 +29,89 @@ def run_cli(fn) -> int:
     sharding.quiet_deprecations()
     try:
         fn()
-    except (ValueError, FileNotFoundError) as e:  # every input error of the library is a ValueError subclass
+    except InputError as e:
         if os.environ.get("TAMT_DEBUG"):
             raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        _report(f"error: {_where()}{e}", key=str(e))
         return 2
+    except Exception as e:
+        if os.environ.get("TAMT_DEBUG"):
+            raise
+        if sharding.initialized() and sharding.is_peer_failure(e):
+            _report(f"error: {_where()}lost contact with the other ranks ({_first_line(e)}); {_silent_ranks()}",
+                    key="lost contact")
+        else:
+            _report(f"{traceback.format_exc().rstrip()}\nerror: {_where()}stopped on the unexpected "
+                    f"{type(e).__name__} above", key=f"{type(e).__name__}: {e}", every_rank_before_init=True)
+        return 1
     return 0
+
+
+def exit_process(code: int) -> None:
+    """End a launcher process with `code` (`sys.exit(main())` for a distributed run).
+
+    After a clean run every rank tears the process group down together.  After a
+    failure the group is broken (a peer is gone or stuck): tearing it down can wait for
+    the stuck peer or abort, so the process ends at once; everything it wrote was
+    written atomically."""
+    from tamt_ds import engine
+
+    if code == 0:
+        try:
+            engine.shutdown()
+        except Exception as e:  # a peer failed after this rank finished
+            _report(f"error: {_where()}finished, but lost contact with the other ranks at the end ({_first_line(e)})",
+                    key="lost contact at the end")
+            code = 1
+    if code != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(0)
+
+
+def _report(text: str, key: str, every_rank_before_init: bool = False) -> None:
+    """Print on stderr once per distinct `key` over all ranks."""
+    from tamt_ds import sharding
+
+    if sharding.initialized():
+        if not sharding.first_to_claim(key):
+            return
+    elif _launcher_rank() != "0" and not every_rank_before_init:
+        return
+    print(text, file=sys.stderr, flush=True)
+
+
+def _launcher_rank() -> str:
+    """This process's global rank as its launcher set it (torchrun / deepspeed, MPICH, Open MPI)."""
+    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if key in os.environ:
+            return os.environ[key]
+    return "0"
+
+
+def _where() -> str:
+    from tamt_ds import sharding
+
+    if sharding.world_size() <= 1:
+        return ""
+    return f"[rank {sharding.rank()}/{sharding.world_size()} on {socket.gethostname()}] "
+
+
+def _silent_ranks() -> str:
+    from tamt_ds.guards import Heartbeat, silent_ranks
+
+    if not Heartbeat.running():
+        return "see the other ranks' errors"
+    silent = silent_ranks()
+    if silent is None:
+        return "the rank hosting the rendezvous store stopped answering too (see the other ranks' errors)"
+    if not silent:
+        return "every rank still beats: one is alive but stuck (e.g. a stalled filesystem or device)"
+    return f"{'ranks' if len(silent) > 1 else 'rank'} {', '.join(map(str, silent))} stopped answering " \
+           f"(died or froze; see their errors above)"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tamt_ds import sharding
+from tamt_ds.errors import InputError
 from tamt_ds.thresholds import KEEP_ALL, MAX_MATRIX_NUMEL, Cut, bottom_k_cuts
 
 # The TAMT matrix set (BERT / RoBERTa module names), as regexes searched in module names.
@@ -140,7 +141,7 @@ class MaskSite:
         return self.module.mask_cut.keep(shard.values, shard.offset)
 
 
-class MaskError(ValueError):
+class MaskError(InputError):
     pass
 
 

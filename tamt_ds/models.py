@@ -12,11 +12,13 @@ import os
 import torch
 from torch import nn
 
+from tamt_ds.errors import InputError
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _PACKAGED = {DEFAULT_MODEL, "all-MiniLM-L6-v2"}
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     pass
 
 

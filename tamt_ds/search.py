@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tamt_ds import checkpoint, engine as eng, sharding
+from tamt_ds import checkpoint, engine as eng, guards, sharding
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, default_train_files, \
     default_validation_files
+from tamt_ds.errors import InputError
 from tamt_ds.export import export_search_outputs
 from tamt_ds.maskfile import read_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, check_settings, prepare_search
@@ -55,6 +56,8 @@ class SearchArguments:
     save_steps: int = 100
     logging_steps: int = 10
     eval_steps: int = 100
+    dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
+        "help": "seconds a rank waits for its peers before the run stops (see docs/cluster.md)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
@@ -71,7 +74,7 @@ def parse_args(argv=None) -> tuple[SearchArguments, CorpusArguments]:
     return args, data
 
 
-class SearchError(ValueError):
+class SearchError(InputError):
     pass
 
 
@@ -81,6 +84,8 @@ def validate(args: SearchArguments) -> None:
     check_settings(args.sparsity, args.threshold_scope)
     if args.max_steps < 1:
         raise SearchError(f"--max_steps must be at least 1, got {args.max_steps}")
+    if args.dist_timeout <= 0:
+        raise SearchError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
 
 
 def run_config(args: SearchArguments, data: CorpusArguments, ds_config: dict) -> dict:
@@ -109,6 +114,7 @@ def start_output_dir(args: SearchArguments, config: dict) -> None:
         checkpoint.atomic_write_text(os.path.join(args.output_dir, "run_config.json"),
                                      json.dumps(config, indent=2, default=str))
     sharding.barrier()
+    guards.check_shared_dir(args.output_dir)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -139,8 +145,8 @@ def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
 
 def search(args: SearchArguments, data: CorpusArguments) -> dict:
     validate(args)
-    check_output_dir(args)
-    eng.init_distributed()
+    eng.init_distributed(args.dist_timeout)
+    check_output_dir(args)  # after the group forms: a rank-local view of the directory may differ
     torch.manual_seed(args.seed)
     ds_config = eng.load_ds_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
                                    grad_accum=args.gradient_accumulation_steps, grad_clip=args.max_grad_norm)
@@ -180,6 +186,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
                   f"world size {sharding.world_size()} | {eng.precision(ds_config)} | "
                   f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
     batches = iter(loader)
+    diverged = guards.NonFiniteGuard(device)
     # Loss terms add up on the device and are read once per logging step: no host sync per step.
     window = {"t": time.perf_counter(), "tokens": 0, "blocks": 0, "terms": {}, "n": 0}
     while step < args.max_steps:
@@ -190,6 +197,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
             terms = compute_loss(args.objective, engine, masks, to_device(batch, device))
             engine.backward(terms["loss"])
             engine.step()
+            diverged.observe(terms["loss"], step + 1)
             for k, v in terms.items():
                 window["terms"][k] = window["terms"].get(k, 0.0) + v.detach().float()
             window["n"] += 1
@@ -199,10 +207,12 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
         monitor.step()
 
         if step % args.logging_steps == 0 or step == args.max_steps:
+            diverged.check(kept=f"checkpoints saved before it stay in {ckpt_root}")
             log_step(monitor, step, masks, scheduler, window, loader)
         if args.eval_steps and (step % args.eval_steps == 0 or step == args.max_steps) and eval_batches:
             monitor.log(step, evaluate(engine, masks, eval_batches, device, args.objective))
         if step % args.save_steps == 0 or step == args.max_steps:
+            diverged.check(kept=f"checkpoints saved before it stay in {ckpt_root}")
             masks.reset_thresholds()  # a saved mask always has exactly the target sparsity
             checkpoint.save(engine, ckpt_root, step, {"step": step, "cuts": masks.cuts(), "data": loader.state_dict()})
 
@@ -254,4 +264,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tamt_ds.errors import exit_process
+
+    exit_process(main())

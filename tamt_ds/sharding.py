@@ -140,6 +140,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """End the process group once every rank is done with it.  A process that exits with
+    a live gloo group now and then aborts during interpreter shutdown ("terminate called
+    without an active exception", SIGABRT) even after a clean run."""
+    if initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def gathered(params, modifier_rank: int | None = None):
     """Full tensors of (possibly partitioned) parameters inside the block."""
@@ -161,3 +170,48 @@ def partition_like(anchor: torch.nn.Parameter, new_params: list[torch.nn.Paramet
     """
     if is_partitioned(anchor):
         anchor.convert_to_zero_parameters(param_list=new_params)
+
+
+# ---------------------------------------------------------------- out-of-band
+# The process group's key-value store (hosted by the launcher or by rank 0) works
+# even while a collective is stuck, so failure handling talks through it: a
+# heartbeat per rank, and claims that let one rank report an error all ranks share.
+
+def _store(timeout_s: float | None = None):
+    store = dist.distributed_c10d._get_default_store()
+    if timeout_s is not None:
+        store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    return store
+
+
+def heartbeat() -> None:
+    """Count one beat of this rank (called by a watchdog thread)."""
+    _store().add(f"tamt/beat/{rank()}", 1)
+
+
+def heartbeats(timeout_s: float = 5.0) -> list[int] | None:
+    """Every rank's beat count, or None if the store does not answer within `timeout_s`."""
+    try:
+        store = _store(timeout_s)
+        return [store.add(f"tamt/beat/{r}", 0) for r in range(world_size())]
+    except Exception:  # the store's host is gone or stopped: nothing to learn from it
+        return None
+
+
+def first_to_claim(key: str, timeout_s: float = 5.0) -> bool:
+    """True for the first rank (on any node) to claim `key`; also when the store is unreachable."""
+    if not distributed():
+        return True
+    try:
+        return _store(timeout_s).add(f"tamt/claim/{key}", 1) == 1
+    except Exception:
+        return True
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective or store operation failed because a peer died or stopped answering."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe"))

@@ -6,7 +6,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from tamt_ds import engine as eng
 from tamt_ds.downstream.tasks import KNOWN_TASKS, LOCAL_PREFIX, TaskError
+from tamt_ds.errors import InputError
 from tamt_ds.models import DEFAULT_MODEL
 
 
@@ -46,10 +48,12 @@ class FinetuneArguments:
     output_dir: str = "outputs/finetune"
     overwrite_output_dir: bool = False
     save_model: bool = field(default=False, metadata={"help": "save the fine-tuned model (plain transformers layout)"})
+    dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
+        "help": "seconds a rank waits for its peers before the run stops (see docs/cluster.md)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
-class FinetuneError(ValueError):
+class FinetuneError(InputError):
     pass
 
 
@@ -123,6 +127,8 @@ def validate(args: FinetuneArguments) -> None:
         raise FinetuneError(f"--max_steps must be at least 1 (or left out), got {args.max_steps}")
     if not 0.0 <= args.warmup_ratio < 1.0:
         raise FinetuneError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.dist_timeout <= 0:
+        raise FinetuneError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.eval_steps < 0:
         raise FinetuneError(f"--eval_steps must be >= 0 (0: evaluate at the end only), got {args.eval_steps}")
 

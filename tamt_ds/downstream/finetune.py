@@ -32,6 +32,7 @@ from tamt_ds.downstream.metrics import main_score
 from tamt_ds.downstream.results import prepare_output_dirs, summarize, write_results, write_study_tables
 from tamt_ds.downstream.saving import save_model
 from tamt_ds.downstream.tasks import TaskSpec
+from tamt_ds.guards import NonFiniteGuard, check_shared_dir
 from tamt_ds.maskfile import read_mask_file
 from tamt_ds.models import load_task_model, load_tokenizer
 from tamt_ds.monitor import Monitor, memory_mb
@@ -65,6 +66,7 @@ def run_seed(args: FinetuneArguments, data: TaskData, seed: int, ds_config: dict
     # The loss adds up on the device and is read once per logging step: no host sync per step.
     window = {"t": time.perf_counter(), "loss": torch.zeros((), device=device), "n": 0, "tokens": 0}
     engine.train()
+    diverged = NonFiniteGuard(device)
     for step in range(1, total + 1):
         for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)  # on the host: counting its tokens costs no device sync
@@ -74,10 +76,13 @@ def run_seed(args: FinetuneArguments, data: TaskData, seed: int, ds_config: dict
             if fixed is not None and engine.is_gradient_accumulation_boundary():
                 fixed.mask_gradients()  # pruned weights: zero gradient, before clipping and AdamW see it
             engine.step()  # DeepSpeed steps the optimizer (and the schedule) at the accumulation boundary
+            diverged.observe(loss, step)
             window["loss"] += loss.detach().float()
             window["n"] += 1
         monitor.step()
 
+        if step % args.logging_steps == 0 or (args.eval_steps and step % args.eval_steps == 0) or step == total:
+            diverged.check(kept="results.json keeps the seeds finished before")
         if step % args.logging_steps == 0 or step == total:
             log_train(monitor, step, tag, scheduler, window)
         if (args.eval_steps and step % args.eval_steps == 0) or step == total:
@@ -158,9 +163,9 @@ def finetune(args: FinetuneArguments) -> dict:
     validate(args)
     names = task_names(args)
     seeds = parse_seeds(args.seeds)
+    eng.init_distributed(args.dist_timeout)  # before the file checks: a node may lack a file the others have
     mask = parse_mask(args.mask)
     mask_file = read_mask_file(mask.path) if mask.kind == "file" else None
-    eng.init_distributed()
     if sharding.rank() != 0:  # one copy of the load reports and progress bars
         import datasets
         import transformers
@@ -178,6 +183,7 @@ def finetune(args: FinetuneArguments) -> dict:
     study = args.tasks is not None
     task_dirs = {n: os.path.join(args.output_dir, slug(n)) if study else args.output_dir for n in names}
     prepare_output_dirs(args, list(task_dirs.values()), study)
+    check_shared_dir(args.output_dir)
     all_results = {}
     for name, data in tasks.items():
         out_dir = task_dirs[name]
@@ -212,4 +218,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tamt_ds.errors import exit_process
+
+    exit_process(main())

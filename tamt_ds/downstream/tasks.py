@@ -46,6 +46,8 @@ from typing import Any, Literal, Sequence
 import datasets
 from datasets import ClassLabel, Dataset, Features, Value
 
+from tamt_ds.errors import InputError
+
 HUB_GLUE = "nyu-mll/glue"
 HUB_SQUAD = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
 LOCAL_PREFIX = "local:"
@@ -54,7 +56,7 @@ LOCAL_PREFIX = "local:"
 MAX_INTEGER_CLASSES = 20
 
 
-class TaskError(ValueError):
+class TaskError(InputError):
     """Bad task input; the message is one line and says how to fix it."""
 
 

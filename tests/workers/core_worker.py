@@ -96,6 +96,7 @@ def main():
               "scores": full_scores, "stats": masks.stats(update_last=False), **facts}
     if sharding.rank() == 0:
         torch.save(result, out)
+    eng.shutdown()  # exiting with a live gloo group can abort (SIGABRT) at interpreter shutdown
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""Multi-node launches (docs/cluster.md), each as two one-rank "nodes" on this machine: the
+mask equals the one of a single-node 2-rank run exactly, one log stream, per-rank files
+for both global ranks.  Also the SLURM derivation and the shared-filesystem check."""
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+import torch
+
+from tests.cluster import (PYTHON, ROOT, SEARCH, Launch, _free_port, deepspeed_node, env, error_lines, hostfile,
+                           load_rows, search_args, torchrun_node)
+from tests.conftest import torchrun
+
+STEPS = ["--max_steps", "3", "--save_steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bert, tmp_path_factory):
+    """torchrun --nproc_per_node 2: one node, two ranks."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    torchrun(SEARCH, *search_args(tiny_bert, out, *STEPS))
+    return torch.load(out / "mask.pt", weights_only=True)
+
+
+def check_run(out, reference) -> None:
+    mask = torch.load(out / "mask.pt", weights_only=True)
+    assert mask.keys() == reference.keys()
+    for key in mask:
+        assert torch.equal(mask[key], reference[key]), key
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+    # Global rank 0 alone logs (both processes are local rank 0 of their node) ...
+    assert [r["step"] for r in load_rows(out / "metrics.jsonl")] == [1, 2, 3]
+    # ... and each global rank writes its own state and shards.
+    ckpt = out / "checkpoints" / "step3"
+    assert sorted(p.name for p in ckpt.glob("tamt_state_rank*.pt")) == ["tamt_state_rank0.pt", "tamt_state_rank1.pt"]
+    assert len(list(ckpt.glob("*rank_1*optim_states.pt"))) == 1
+
+
+def test_deepspeed_no_ssh_two_nodes(reference, tiny_bert, tmp_path):
+    """On each node: deepspeed --hostfile H --no_ssh --node_rank i --master_addr A --master_port P."""
+    hosts, port, out = hostfile(tmp_path / "hostfile"), _free_port(), tmp_path / "run"
+    launch = Launch([deepspeed_node(hosts, i, port, SEARCH, search_args(tiny_bert, out, *STEPS)) for i in range(2)],
+                    tmp_path / "logs")
+    assert launch.wait(600) == [0, 0], launch.text()[-6000:]
+    check_run(out, reference)
+
+
+def test_torchrun_c10d_two_nodes(reference, tiny_bert, tmp_path):
+    """On each node: torchrun --nnodes 2 --node_rank i --rdzv_backend c10d --rdzv_endpoint A:P."""
+    port, out = _free_port(), tmp_path / "run"
+    launch = Launch([torchrun_node(2, i, port, SEARCH, search_args(tiny_bert, out, *STEPS)) for i in range(2)],
+                    tmp_path / "logs")
+    assert launch.wait(600) == [0, 0], launch.text()[-6000:]
+    check_run(out, reference)
+
+
+def test_mpirun_with_hostfile(reference, tiny_bert, tmp_path):
+    """mpirun -f HOSTFILE -np 2 (MPICH; Open MPI: --hostfile): DeepSpeed discovers ranks from MPI."""
+    (tmp_path / "hosts").write_text("localhost:2\n")
+    out = tmp_path / "run"
+    cmd = [os.path.join(os.path.dirname(PYTHON), "mpirun"),
+           "-f", str(tmp_path / "hosts"), "-np", "2", "-genv", "MASTER_PORT", str(_free_port()),
+           PYTHON, str(SEARCH), *search_args(tiny_bert, out, *STEPS)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    check_run(out, reference)
+
+
+def fake_slurm(bin_dir, hosts: list[str]) -> None:
+    """`scontrol show hostnames` printing `hosts`, and an `srun` that starts its command once
+    per node with that node's SLURM_NODEID, in parallel, as srun --ntasks-per-node=1 does."""
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] || exit 1\n"
+                                      + "".join(f"echo {h}\n" for h in hosts))
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\n"
+        "for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i \"$@\" & pids+=($!); done\n"
+        "rc=0; for p in ${pids[@]}; do wait $p || rc=$?; done; exit $rc\n")
+    for f in bin_dir.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+
+
+def slurm_env(tmp_path, **extra) -> dict:
+    return env(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node[0-1]",
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(ROOT), **extra)
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ({}, {"MASTER_ADDR": "gpu-a17", "MASTER_PORT": str(20000 + 4242), "NNODES": "2", "NPROC_PER_NODE": "1",
+          "DIST_TIMEOUT": "600"}),
+    ({"SLURM_GPUS_ON_NODE": "8", "MASTER_PORT": "31337", "DIST_TIMEOUT": "120"},
+     {"MASTER_ADDR": "gpu-a17", "MASTER_PORT": "31337", "NNODES": "2", "NPROC_PER_NODE": "8", "DIST_TIMEOUT": "120"}),
+])
+def test_slurm_settings_derivation(extra, expect, tmp_path):
+    fake_slurm(tmp_path / "bin", ["gpu-a17", "gpu-b03"])
+    script = f"source {ROOT}/launchers/slurm/env.sh && " + " && ".join(f"echo {k}=${k}" for k in expect)
+    proc = subprocess.run(["bash", "-c", script], env=slurm_env(tmp_path, **extra), capture_output=True, text=True,
+                          check=True)
+    assert dict(line.split("=", 1) for line in proc.stdout.split()) == expect
+
+
+def test_slurm_sbatch_runs_one_launcher_per_node(reference, tiny_bert, tmp_path):
+    """launchers/slurm/search.sbatch as SLURM runs it, with srun / scontrol faked on this machine."""
+    fake_slurm(tmp_path / "bin", ["localhost", "localhost"])
+    out = tmp_path / "run"
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "slurm" / "search.sbatch"),
+                           *search_args(tiny_bert, out, *STEPS)],
+                          env=slurm_env(tmp_path, PYTHON=PYTHON, MASTER_PORT=str(_free_port())),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "search: 2 nodes x 1 ranks, rank 0 on localhost" in proc.stdout
+    check_run(out, reference)
+
+
+def test_output_dir_not_shared_stops_every_rank_with_one_line(tiny_bert, tmp_path):
+    """Two nodes whose --output_dir (relative, as written in a job script) resolves to a
+    different directory on each: rank 1 cannot see what rank 0 writes."""
+    hosts, port = hostfile(tmp_path / "hostfile"), _free_port()
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for d in cwds:
+        d.mkdir()
+    launch = Launch([deepspeed_node(hosts, i, port, SEARCH, search_args(tiny_bert, "out", *STEPS)) for i in range(2)],
+                    tmp_path / "logs", cwds=cwds)
+    codes = launch.wait(600)
+    assert all(c != 0 for c in codes), launch.text()[-6000:]
+    lines = error_lines(launch.stderr())
+    assert len(lines) == 1, launch.text()[-6000:]  # said once, though both ranks stop on it
+    assert "--output_dir out is not shared: rank 1 on" in lines[0] and "every node mounts" in lines[0], lines
+    assert "Traceback" not in launch.stderr()
+    assert not (cwds[0] / "out" / "checkpoints").exists() and not (cwds[1] / "out").exists()
