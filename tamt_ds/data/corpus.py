@@ -303,6 +303,10 @@ class BlockLoader:
                     worker_init_fn=_worker_init,
                     prefetch_factor=2,
                     persistent_workers=False,
+                    # Its own generator: creating the iterator draws the workers' base seed,
+                    # and a draw from the global torch RNG would shift the model's dropout
+                    # stream (differently in a resumed run, which creates it at another step).
+                    generator=torch.Generator().manual_seed(plan.seed % (1 << 63)),
                 )
             )
         self._rate.clear()
