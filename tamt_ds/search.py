@@ -54,6 +54,8 @@ class SearchArguments:
     overwrite_output_dir: bool = False
     resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
     save_steps: int = 100
+    save_total_limit: int = field(default=2, metadata={
+        "help": "keep the newest N checkpoints; older ones are deleted once a newer one is complete (0: keep all)"})
     logging_steps: int = 10
     eval_steps: int = 100
     dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
@@ -86,11 +88,13 @@ def validate(args: SearchArguments) -> None:
         raise SearchError(f"--max_steps must be at least 1, got {args.max_steps}")
     if args.dist_timeout <= 0:
         raise SearchError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
+    if args.save_total_limit < 0:
+        raise SearchError(f"--save_total_limit must be 0 (keep all) or more, got {args.save_total_limit}")
 
 
-def run_config(args: SearchArguments, data: CorpusArguments, ds_config: dict) -> dict:
+def run_config(args: SearchArguments, data: CorpusArguments, ds_config: dict, model: dict) -> dict:
     return {"search": dataclasses.asdict(args), "data": dataclasses.asdict(data), "deepspeed": ds_config,
-            "world_size": sharding.world_size()}
+            "world_size": sharding.world_size(), "model": model}
 
 
 def check_output_dir(args: SearchArguments) -> None:
@@ -147,7 +151,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     validate(args)
     eng.init_distributed(args.dist_timeout)
     check_output_dir(args)  # after the group forms: a rank-local view of the directory may differ
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same on every rank: one dropout stream, whatever the world size
     ds_config = eng.load_ds_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
                                    grad_accum=args.gradient_accumulation_steps, grad_clip=args.max_grad_norm)
     mask_file = read_mask_file(args.mask_init) if args.mask_init not in ("magnitude", "random") else None
@@ -157,6 +161,12 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     tokenizer = load_tokenizer(args.model_name_or_path)
     use_mlm = "mlm" in args.objective
     model = load_model(args.model_name_or_path, with_mlm_head=use_mlm, ds_config=ds_config)
+    # Which checkpoint to continue, and whether it was made from this model: checkpoints
+    # hold no frozen weights, the ones just loaded take their place (hashed now that the
+    # model's files are on disk).
+    model_id = checkpoint.model_fingerprint(args.model_name_or_path)
+    ckpt_root = os.path.join(args.output_dir, "checkpoints")
+    resume_from = checkpoint.find(ckpt_root, model_id) if args.resume else None
     masks, trainable = prepare_search(model, sparsity=args.sparsity, patterns=args.mask_patterns,
                                       scope=args.threshold_scope, init=args.mask_init, seed=args.seed,
                                       mask_file=mask_file)
@@ -170,21 +180,21 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     eval_batches = build_validation_batches(data, tokenizer, batch_size=args.per_device_train_batch_size,
                                             rank=sharding.rank(), world_size=sharding.world_size(),
                                             seed=args.seed, mlm=use_mlm)
-    start_output_dir(args, run_config(args, data, ds_config))
-    ckpt_root = os.path.join(args.output_dir, "checkpoints")
     step = 0
-    if args.resume:
-        state = checkpoint.load(engine, ckpt_root)
-        if state is not None:
-            step = state["step"]
-            masks.load_cuts(state["cuts"])
-            loader.load_state_dict(state["data"])
-            masks.restore_initial()
+    if resume_from is not None:
+        restored = checkpoint.load(engine, resume_from)
+        step = restored.step
+        masks.load_cuts(restored.state["cuts"])
+        loader.load_state_dict(restored.data)  # re-dealt over the readers if the world size changed
+        masks.restore_initial()
+    start_output_dir(args, run_config(args, data, ds_config, model_id))
 
     monitor = Monitor(args.output_dir, total_steps=args.max_steps, start_step=step)
     monitor.write(f"TAMT-{args.objective} | sparsity {args.sparsity} | {len(masks)} masked matrices | "
                   f"world size {sharding.world_size()} | {eng.precision(ds_config)} | "
                   f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
+    if resume_from is not None:
+        monitor.write(f"resumed from {resume_from.tag} at step {step}, saved on {resume_from.world_size} rank(s)")
     batches = iter(loader)
     diverged = guards.NonFiniteGuard(device)
     # Loss terms add up on the device and are read once per logging step: no host sync per step.
@@ -214,7 +224,8 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
         if step % args.save_steps == 0 or step == args.max_steps:
             diverged.check(kept=f"checkpoints saved before it stay in {ckpt_root}")
             masks.reset_thresholds()  # a saved mask always has exactly the target sparsity
-            checkpoint.save(engine, ckpt_root, step, {"step": step, "cuts": masks.cuts(), "data": loader.state_dict()})
+            checkpoint.save(engine, ckpt_root, step, {"cuts": masks.cuts()}, data=loader.state_dict(), model=model_id,
+                            keep=args.save_total_limit)
 
     final = masks.stats(update_last=False)
     export_search_outputs(args.output_dir, model, masks, args.model_name_or_path, tokenizer)

@@ -38,6 +38,14 @@ def tiny_bert(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dropout(tmp_path_factory):
+    """tiny_bert with dropout 0.1: resume tests need a model that draws from the RNG."""
+    from tests.tiny_models import make_tiny
+
+    return make_tiny(str(tmp_path_factory.mktemp("tiny_bert_dropout")), "bert", dropout=0.1)
+
+
+@pytest.fixture(scope="session")
 def tiny_roberta_mlm(tmp_path_factory):
     from tests.tiny_models import make_tiny
 

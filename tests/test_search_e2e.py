@@ -1,6 +1,7 @@
 """The search launcher end to end: real 2-rank ZeRO-3 runs, the output contract, resume, bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from tests.conftest import ROOT, _free_port, torchrun
 
 LAUNCHER = ROOT / "launchers" / "search.py"
+RESUME_WORKER = ROOT / "tests" / "workers" / "resume_worker.py"
 CPU_CONFIG = ROOT / "ds_configs" / "zero3_cpu.json"  # stage3_param_persistence_threshold: 0
 
 
@@ -94,36 +96,142 @@ def test_one_log_stream_with_the_promised_scalars(deepspeed_run):
     assert "threshold/pooler.dense" in tags
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and everything under it: torchrun starts each rank in a session of
+    its own, so killing the launcher's process group would leave the ranks running."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree[1:], timeout=30)
+
+
 def _kill_after_first_checkpoint(cmd, ckpt: Path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.time() + 500
     while time.time() < deadline and proc.poll() is None:
         if (ckpt / "latest").exists():
-            os.killpg(proc.pid, signal.SIGKILL)  # a hard kill, mid-run
-            proc.wait()
+            _kill_tree(proc)  # a hard kill of the whole job, mid-run
             return (ckpt / "latest").read_text().strip()
         time.sleep(0.05)
+    _kill_tree(proc)
     raise AssertionError(f"run ended ({proc.returncode}) before a checkpoint appeared")
 
 
-def test_resume_after_kill_gives_identical_masks(tiny_bert, tmp_path):
-    steps = ["--max_steps", "24", "--save_steps", "4"]
-    full = tmp_path / "full"
-    torchrun(LAUNCHER, *common(tiny_bert, full, *steps))
+def _train_rows(path: Path, skip: int = 0) -> list[dict]:
+    lines = path.read_text().splitlines()[skip:]
+    return [json.loads(line) for line in lines if "train/loss" in line]
+
+
+RESUME_STEPS = ["--max_steps", "24", "--save_steps", "4", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def dropout_run(tiny_bert_dropout, tmp_path_factory):
+    """An uninterrupted 2-rank search of a model with dropout 0.1, loss logged every step."""
+    out = tmp_path_factory.mktemp("dropout") / "full"
+    torchrun(LAUNCHER, *common(tiny_bert_dropout, out, *RESUME_STEPS))
+    return out
+
+
+def test_resume_after_kill_is_exact(tiny_bert_dropout, dropout_run, tmp_path):
+    """SIGKILL after a checkpoint, --resume: the same losses at every later step and the same
+    mask as the uninterrupted run, with dropout drawing from the RNG all along."""
+    assert json.loads((Path(tiny_bert_dropout) / "config.json").read_text())["hidden_dropout_prob"] == 0.1
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(LAUNCHER), *common(tiny_bert, killed, *steps)]
+           str(_free_port()), str(LAUNCHER), *common(tiny_bert_dropout, killed, *RESUME_STEPS)]
     tag = _kill_after_first_checkpoint(cmd, killed / "checkpoints")
-    assert tag != "step24" and not (killed / "mask.pt").exists()
-    torchrun(LAUNCHER, *common(tiny_bert, killed, *steps, "--resume"))
-    a = torch.load(full / "mask.pt", weights_only=True)
+    start = int(tag.removeprefix("step"))
+    assert 0 < start < 24 and not (killed / "mask.pt").exists()
+    logged_before = len((killed / "metrics.jsonl").read_text().splitlines())
+    proc = torchrun(LAUNCHER, *common(tiny_bert_dropout, killed, *RESUME_STEPS, "--resume"))
+    assert f"resumed from {tag} at step {start}" in proc.stdout + proc.stderr
+    # The resumed process logged exactly the steps after the checkpoint: it did not start from 0.
+    resumed = _train_rows(killed / "metrics.jsonl", skip=logged_before)
+    assert [r["step"] for r in resumed] == list(range(start + 1, 25))
+    full = {r["step"]: r for r in _train_rows(dropout_run / "metrics.jsonl")}
+    for r in resumed:  # loss and learning rate of every step after the checkpoint, bit for bit
+        assert (r["train/loss"], r["train/learning_rate"]) == (full[r["step"]]["train/loss"],
+                                                               full[r["step"]]["train/learning_rate"]), r["step"]
+    a = torch.load(dropout_run / "mask.pt", weights_only=True)
     b = torch.load(killed / "mask.pt", weights_only=True)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    last = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines() if "train/loss" in l][-1]
-    assert last["step"] == 24 and last["mask/distance_to_init"] > 0  # the masks really moved
+    assert full[24]["mask/distance_to_init"] > 0  # the masks really moved
+
+
+def test_checkpoints_hold_no_frozen_weights_and_only_the_newest_two(dropout_run):
+    ckpt = dropout_run / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step20", "step24"]  # --save_total_limit 2
+    assert (ckpt / "latest").read_text() == "step24"
+    files = sorted((ckpt / "step24").iterdir())
+    assert [f.name for f in files] == ["complete.json", "rank0.pt", "rank1.pt"]
+    saved = [torch.load(f, weights_only=False) for f in files[1:]]
+    names = set(saved[0]["params"])
+    assert names and all(n.endswith("mask_score") for n in names)  # trainable only: no frozen weight
+    scores = sum(saved[0]["params"][n]["numel"] for n in names)
+    assert sum(s["params"][n]["fp32"].numel() for s in saved for n in names) == scores  # each element once
+    # fp32 value + 2 Adam moments per score element, and little else
+    assert 12 * scores < sum(f.stat().st_size for f in files) < 12 * scores * 1.05
+
+
+def test_corrupt_latest_falls_back_and_another_model_is_refused(tiny_bert_dropout, dropout_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(dropout_run, run)
+    (run / "mask.pt").unlink()
+    rank1 = run / "checkpoints" / "step24" / "rank1.pt"
+    rank1.write_bytes(rank1.read_bytes()[:-100])  # a truncated write
+    config = (run / "run_config.json").read_bytes()
+
+    from tests.tiny_models import make_tiny
+
+    from tamt_ds.search import main
+
+    other = make_tiny(str(tmp_path / "other"), "bert", dropout=0.1, seed=1)  # same architecture, other weights
+    assert main(common(other, run, *RESUME_STEPS, "--resume")) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and f"resume with --model_name_or_path {tiny_bert_dropout}" in error[0], error
+    assert (run / "run_config.json").read_bytes() == config  # nothing written
+
+    proc = torchrun(LAUNCHER, *common(tiny_bert_dropout, run, *RESUME_STEPS, "--resume"))
+    assert "names 'step24', which is not usable: resuming from step20" in proc.stderr
+    assert "resumed from step20 at step 20" in proc.stdout + proc.stderr
+    a = torch.load(dropout_run / "mask.pt", weights_only=True)
+    b = torch.load(run / "mask.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # steps 21-24 done again, exactly
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step20", "step24"]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(before, after, tiny_bert_dropout, tmp_path):
+    """Save on `before` ranks, resume on `after`: scores, MLM head and Adam moments are
+    restored exactly (consolidated over the ranks), and the search finishes."""
+    run = tmp_path / "run"
+    args = ["--objective", "mlm_kd", "--save_steps", "4", "--logging_steps", "1"]
+    torchrun(LAUNCHER, *common(tiny_bert_dropout, run, *args, "--max_steps", "4"), nproc=before)
+    torchrun(RESUME_WORKER, tiny_bert_dropout, run / "checkpoints", tmp_path / "check.json", nproc=after)
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["saved_on"] == before and check["loaded_on"] == after and check["step"] == 4
+    assert check["adam_step"] == 4 and check["lr"] == 5e-3 * 0.5 and check["data_positions"] == before  # warm-up 5/10
+    assert check["tensors"] > check["scores"] == 13 and check["elements"] > 0  # scores (no pooler) + the MLM head
+
+    logged = len((run / "metrics.jsonl").read_text().splitlines())
+    proc = torchrun(LAUNCHER, *common(tiny_bert_dropout, run, *args, "--max_steps", "8", "--resume"), nproc=after)
+    assert f"resumed from step4 at step 4, saved on {before} rank(s)" in proc.stdout + proc.stderr
+    rows = _train_rows(run / "metrics.jsonl", skip=logged)
+    assert [r["step"] for r in rows] == [5, 6, 7, 8]
+    assert rows[-1]["data/blocks_seen"] == (4 * before + 4 * after) * 4  # the data position carried over
+    assert json.loads((run / "run_config.json").read_text())["world_size"] == after
+    for key, keep in torch.load(run / "mask.pt", weights_only=True).items():
+        assert int((~keep).sum()) == int(keep.numel() * 0.7), key  # exact sparsity
 
 
 def test_mpirun_launch(tiny_bert, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from . import redeal
 from .errors import CorpusError
 from .mlm import TRAIN_STREAM, MaskingSpec, corrupt, masking_spec
 from .packing import BlockFormat, Packer, TextEncoder, block_format, join_documents
@@ -60,7 +62,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 CHUNK_DOCS = 256  # documents tokenised per call: the fast tokenizer's batch path
 
 
@@ -215,18 +217,19 @@ class _Plan:
     def batches(self, worker: int, state: dict | None) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
         """One logical worker's batches, forever, each with the worker's position after it."""
         packer = self.make_packer(worker)
-        done = 0
+        done = key_base = 0
         if state is not None:
             packer.load_state_dict(state["packer"])
-            done = state["batches"]
+            done, key_base = state["batches"], state["key_base"]
         b, w_count = self.batch_size, self.readers_per_rank
         while True:
             ids = np.stack([packer.next_block() for _ in range(b)])
             mask = np.ones_like(ids)
             # Position of each block in the rank's stream, then in the global stream: the
             # DataLoader hands out worker batches round-robin, so this is consumption order.
+            # key_base: blocks consumed before a change of layout, so keys never repeat.
             first = (done * w_count + worker) * b
-            keys = [(first + j) * self.world_size + self.rank for j in range(b)]
+            keys = [key_base + (first + j) * self.world_size + self.rank for j in range(b)]
             batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
             if self.masking is not None:
                 corrupted, labels = corrupt(ids, mask, keys, seed=self.seed, stream=TRAIN_STREAM, spec=self.masking)
@@ -239,6 +242,7 @@ class _Plan:
                 "epoch": packer.epoch,  # of the text handed out, not of the read-ahead
                 "epoch_fraction": packer.epoch_fraction,
                 "undecodable_bytes": packer.docs.undecodable_bytes,
+                "key_base": key_base,
             }
 
 
@@ -303,6 +307,10 @@ class BlockLoader:
                     worker_init_fn=_worker_init,
                     prefetch_factor=2,
                     persistent_workers=False,
+                    # Its own generator: creating the iterator draws the workers' base seed,
+                    # and a draw from the global torch RNG would shift the model's dropout
+                    # stream (differently in a resumed run, which creates it at another step).
+                    generator=torch.Generator().manual_seed(plan.seed % (1 << 63)),
                 )
             )
         self._rate.clear()
@@ -356,11 +364,11 @@ class BlockLoader:
         }
 
     # -- checkpointing --------------------------------------------------------
-    def _layout(self) -> dict:
+    def _layout(self, rank: int | None = None) -> dict:
         p = self._plan
         return {
             "world_size": p.world_size,
-            "rank": p.rank,
+            "rank": p.rank if rank is None else rank,
             "readers_per_rank": p.readers_per_rank,
             "batch_size": p.batch_size,
             "max_seq_length": p.fmt.length,
@@ -378,21 +386,69 @@ class BlockLoader:
             "blocks_seen": self.blocks_seen,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != _STATE_VERSION:
-            raise CorpusError(f"data position has version {state.get('version')}, this code reads {_STATE_VERSION}")
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Continue from a saved position: this rank's own (`state_dict()` of the same rank
+        in the same layout), or every rank's (a list in rank order), saved by any number
+        of ranks and workers -- on another layout the rest of the epoch is re-dealt."""
+        states = state if isinstance(state, list) else [state]
+        for s in states:
+            if s.get("version") != _STATE_VERSION:
+                raise CorpusError(f"data position has version {s.get('version')}, this code reads {_STATE_VERSION}")
+        if isinstance(state, list):
+            if [s["layout"] for s in states] == [self._layout(rank=r) for r in range(len(states))] \
+                    and len(states) == self._plan.world_size:
+                state = states[self._plan.rank]
+            else:
+                self._redeal(states)
+                return
         saved, now = state["layout"], self._layout()
         changed = {k: (saved[k], now[k]) for k in now if saved.get(k) != now[k]}
         if changed:
             detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
             raise CorpusError(
                 f"cannot resume the data position: {detail}; resume with the same world size, rank, workers, "
-                "batch size, max_seq_length and sources (each rank loads the state it saved)"
+                "batch size, max_seq_length and sources, or pass every rank's position to re-deal it"
             )
         self._states = copy.deepcopy(state["workers"])
         self._next_worker = state["next_worker"]
         self.tokens_seen = state["tokens_seen"]
         self.blocks_seen = state["blocks_seen"]
+
+    def _redeal(self, states: list[dict]) -> None:
+        """Another world size or worker count: deal what the saved readers had not read of
+        their epoch to this layout's readers (redeal.py), and take this rank's part."""
+        plan, now = self._plan, self._layout()
+        for s in states:
+            for key in ("batch_size", "max_seq_length", "sources"):
+                if s["layout"][key] != now[key]:
+                    raise CorpusError(f"cannot resume the data position: {key} {s['layout'][key]} -> {now[key]}; "
+                                      f"only the world size and the number of workers may change on resume")
+        old = []
+        for r, s in enumerate(states):
+            old_plan = dataclasses.replace(plan, rank=r, world_size=len(states),
+                                           num_workers=s["layout"]["readers_per_rank"])
+            for w, worker in enumerate(s["workers"]):
+                packer = old_plan.make_packer(w)
+                if worker is not None:
+                    packer.load_state_dict(worker["packer"])
+                old.append(redeal.old_reader(packer))
+        dealt = redeal.deal(old, plan.num_readers)
+        key_base = sum(s["blocks_seen"] for s in states)  # every block consumed so far, all ranks
+        self._states = []
+        for w in range(plan.readers_per_rank):
+            mine = dealt[plan.reader_id(w)]
+            packer = plan.make_packer(w)
+            packer.docs.reseed([plan.seed % (1 << 63), plan.reader_id(w), key_base])
+            for cursor, parts, epoch in zip(packer.docs.cursors, mine.parts, mine.epochs):
+                cursor.start_transition(parts, epoch)
+            packer.start_with(np.concatenate(mine.carry) if mine.carry else np.empty(0, dtype=np.int32))
+            self._states.append({"worker": w, "batches": 0, "packer": packer.state_dict(), "epoch": packer.epoch,
+                                 "epoch_fraction": None, "undecodable_bytes": 0, "key_base": key_base})
+        self._next_worker = 0
+        # The counters are summed over ranks in the logs: rank 0 carries the totals.
+        first = plan.rank == 0
+        self.tokens_seen = sum(s["tokens_seen"] for s in states) if first else 0
+        self.blocks_seen = key_base if first else 0
 
 
 # ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ no padding. Only a finite set (the validation set) can end in a padded block.
 from __future__ import annotations
 
 import bisect
+import copy
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -164,7 +165,8 @@ class Packer:
         offsets, marks = self._marks
         return marks[bisect.bisect_right(offsets, pos) - 1]
 
-    def _read_chunk(self) -> tuple[np.ndarray, int]:
+    def _read_texts(self, after_each=None) -> tuple[list[str], list[int], list[float | None]]:
+        """The documents of one tokenisation chunk; `after_each()` runs after each one is read."""
         texts, epochs, fractions = [], [], []
         chars = 0
         while len(texts) < self.chunk_docs and chars < CHUNK_CHARS:
@@ -172,6 +174,12 @@ class Packer:
             epochs.append(self.docs.epoch)
             fractions.append(self.docs.epoch_fraction)
             chars += len(texts[-1])
+            if after_each is not None:
+                after_each()
+        return texts, epochs, fractions
+
+    def _read_chunk(self) -> tuple[np.ndarray, int]:
+        texts, epochs, fractions = self._read_texts()
         ids = self.encoder(texts)
         sep = 1 if self.fmt.doc_sep is not None else 0
         if not self._first_pass_done:
@@ -214,6 +222,38 @@ class Packer:
         self._first_pass_tokens, self._first_pass_done = first_pass  # counted before the save
         self._buf = np.concatenate([self._carry, chunk])
         self._pos = self._cut * self.fmt.body
+
+    def unconsumed(self) -> tuple[np.ndarray, dict]:
+        """Where the consumer of the blocks stands, for dealing the rest of the text to other
+        readers: (the tokens read but not yet cut into blocks -- the rest of the document
+        the last block ended in, or carried text --, the document source's state right
+        after that document). Call it on a packer restored with `load_state_dict`."""
+        cut = self._cut * self.fmt.body
+        if self._chunk_state is None:  # nothing read yet
+            return self._carry[cut:].copy(), self.docs.state_dict()
+        if cut <= len(self._carry):
+            return self._carry[cut:].copy(), copy.deepcopy(self._chunk_state)
+        # Re-read the chunk as `_read_chunk` did, with the source's state after each document.
+        self.docs.load_state_dict(self._chunk_state)
+        after: list[dict] = []
+        texts, _, _ = self._read_texts(lambda: after.append(self.docs.state_dict()))
+        end = len(self._carry)
+        for ids, state in zip(self.encoder(texts), after):
+            start, end = end, end + len(ids) + (self.fmt.doc_sep is not None)
+            if cut <= end:  # the last block ended inside this document (or at its end)
+                return join_documents([ids], self.fmt.doc_sep)[cut - start :], state
+        raise AssertionError(f"{self.where}: {self._cut} blocks cut, more than the chunk holds")  # pragma: no cover
+
+    def start_with(self, carry: np.ndarray) -> None:
+        """Start from the document source's current state with `carry` (tokens of a stream
+        dealt from another layout) in front of the first chunk; that text was checked."""
+        self._chunk_state = self.docs.state_dict()
+        self._carry = np.asarray(carry, dtype=np.int32)
+        self._carry_mark = (self.docs.epoch, None)
+        self._cut = 0
+        self.epoch, self.epoch_fraction = self.docs.epoch, None
+        self._first_pass_done = True
+        self._buf, self._pos, self._loaded = np.empty(0, dtype=np.int32), 0, False
 
     def state_dict(self) -> dict:
         return {

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import copy
+import dataclasses
 import glob
 import logging
 import os
@@ -276,23 +277,54 @@ def examples_per_shard(spec: SourceSpec, ds) -> list[int] | None:
 
 
 @dataclass(frozen=True)
-class ReaderShare:
-    """One reader's share of one source.
+class Part:
+    """The raw examples j of one stream that a reader keeps.
 
-    `streams` are read in order, each either one shard (shard mode) or the whole source
-    (strided mode). Within a stream the reader keeps raw example i when
-    i % stride == offset and i >= skip (the head reserved for a carved validation set).
+    The stream is one shard, or the whole source when `shard` is None. A reader keeps j
+    when j >= skip (the head reserved for a carved validation set), j % stride is one of
+    the offsets in `starts` and j is at least that offset's start, and
+    (j // stride) % split == split_index. A reader's normal share uses only the stride;
+    starts after 0, the split and `resume` describe the rest of an epoch handed over from
+    another layout of readers (see redeal.py).
     """
 
-    streams: tuple[int | None, ...]
-    stride: int
-    offset: int
-    skips: tuple[int, ...]  # per stream
+    shard: int | None
+    stride: int = 1
+    starts: tuple[tuple[int, int], ...] = ((0, 0),)  # (offset, first raw example kept)
+    skip: int = 0
+    split: int = 1
+    split_index: int = 0
+    resume_state: dict | None = None  # `datasets` state to start reading at (None: the stream's start)
+    resume_at: int = 0  # raw index of the example that state starts at
+    read_size: int = 0  # raw examples per read (0: the cursor's choice); a `datasets` state holds only with its own
+
+    def keeps(self, raw: np.ndarray) -> np.ndarray:
+        first = np.full(self.stride, np.iinfo(np.int64).max, dtype=np.int64)
+        for offset, start in self.starts:
+            first[offset] = start
+        keep = (raw >= self.skip) & (raw >= first[raw % self.stride])
+        if self.split > 1:
+            keep &= (raw // self.stride) % self.split == self.split_index
+        return keep
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "starts": [list(x) for x in self.starts]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Part":
+        return cls(**{**d, "starts": tuple(tuple(x) for x in d["starts"])})
+
+
+@dataclass(frozen=True)
+class ReaderShare:
+    """One reader's share of one source: its parts, read in order, make up one epoch."""
+
+    parts: tuple[Part, ...]
     raw_per_epoch: int | None  # raw examples the reader scans per epoch, when known
 
     @property
     def mode(self) -> str:
-        return "strided" if self.streams == (None,) else "shards"
+        return "strided" if self.parts[0].shard is None else "shards"
 
 
 def reader_share(
@@ -305,11 +337,11 @@ def reader_share(
     """
     held_out = held_out or [0] * n_shards
     if n_shards >= num_readers:
-        shards = tuple(range(reader, n_shards, num_readers))
+        shards = range(reader, n_shards, num_readers)
         raw = sum(sizes[s] for s in shards) if sizes else None
-        return ReaderShare(shards, 1, 0, tuple(held_out[s] for s in shards), raw)
+        return ReaderShare(tuple(Part(s, skip=held_out[s]) for s in shards), raw)
     raw = sum(sizes) if sizes else None
-    return ReaderShare((None,), num_readers, reader, (sum(held_out),), raw)
+    return ReaderShare((Part(None, stride=num_readers, starts=((reader, 0),), skip=sum(held_out)),), raw)
 
 
 # ---------------------------------------------------------------------------
@@ -319,10 +351,14 @@ def reader_share(
 class DocCursor:
     """Yields one reader's documents of one source, forever, epoch after epoch.
 
-    Position = (epoch, stream, the `datasets` state before the current chunk, raw index
+    Position = (epoch, part, the `datasets` state before the current chunk, raw index
     of the chunk's first example, documents of the chunk already handed out). Restoring
     it re-reads that one chunk and drops what was handed out, so the documents that
     follow are exactly those the uninterrupted cursor would have produced.
+
+    After a change of layout (world size or workers) a cursor first reads the parts it
+    was dealt of the epoch in progress (`transition`), then its own share, epoch after
+    epoch.
     """
 
     def __init__(self, ds, share: ReaderShare, *, label: str, chunk_docs: int = 64, text_column: str = "text"):
@@ -330,10 +366,10 @@ class DocCursor:
         self._share = share
         self._label = label
         self._column = text_column
-        # Raw examples per read: ~chunk_docs kept, capped for strided readers of many ranks.
-        self._chunk_raw = min(chunk_docs * share.stride, MAX_RAW_PER_READ)
+        self._chunk_docs = chunk_docs
+        self._transition: tuple[Part, ...] | None = None  # parts dealt from another layout, read first
         self.epoch = 0
-        self._stream = 0
+        self._stream = 0  # index of the part being read
         self._chunk_state: dict | None = None  # datasets state before the current chunk (None: stream start)
         self._chunk_start = 0  # raw index (within the stream) of the current chunk's first example
         self._chunk_len = 0
@@ -348,6 +384,15 @@ class DocCursor:
         self.raw_per_epoch = share.raw_per_epoch
         self.undecodable_bytes = 0
 
+    @property
+    def share(self) -> ReaderShare:
+        return self._share
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        """The parts of the pass in progress."""
+        return self._transition if self._transition is not None else self._share.parts
+
     # -- reading ------------------------------------------------------------
     def next_doc(self) -> str:
         while self._taken >= len(self._docs):
@@ -359,12 +404,13 @@ class DocCursor:
         return doc
 
     def _next_chunk(self) -> None:
+        part = self.parts[self._stream]
         if self._it is None:
             # (Re)open the current stream at the current chunk.
-            self._live = shard_dataset(self._ds, self._share.streams[self._stream])
+            self._live = shard_dataset(self._ds, part.shard)
             if self._chunk_state is not None:
                 self._live.load_state_dict(self._chunk_state)
-            self._it = iter(self._live.iter(batch_size=self._chunk_raw))
+            self._it = iter(self._live.iter(batch_size=self._read_size(part)))
         else:
             # Step past the chunk just used up.
             self._chunk_start += self._chunk_len
@@ -383,34 +429,66 @@ class DocCursor:
             )
         column = batch.column(self._column)
         self._chunk_len = len(column)
-        stride, offset, skip = self._share.stride, self._share.offset, self._share.skips[self._stream]
         raw = np.arange(self._chunk_start, self._chunk_start + len(column))
-        mine = np.flatnonzero((raw % stride == offset) & (raw >= skip))
+        mine = np.flatnonzero(part.keeps(raw))
         texts = column.take(mine).to_pylist() if len(mine) < len(column) else column.to_pylist()
         keep = [(int(raw[i]), t) for i, t in zip(mine, texts) if t and not t.isspace()]
         self._docs = [t for _, t in keep]
         self._doc_raw = [i for i, _ in keep]  # raw index of each kept document, for progress
 
+    def _read_size(self, part: Part) -> int:
+        # Raw examples per read: ~chunk_docs kept, capped for readers that keep few of them.
+        return part.read_size or min(self._chunk_docs * part.stride * part.split, MAX_RAW_PER_READ)
+
+    def _enter(self, stream: int) -> None:
+        part = self.parts[stream]
+        self._stream, self._done_raw, self._taken, self._chunk_len = stream, 0, 0, 0
+        self._chunk_state, self._chunk_start = copy.deepcopy(part.resume_state), part.resume_at
+        self._docs, self._doc_raw, self._it, self._live = [], [], None, None
+
     def _end_of_stream(self) -> None:
         self._raw_done += self._chunk_start
-        self._done_raw = 0
-        self._stream += 1
-        self._chunk_state, self._chunk_start, self._chunk_len, self._taken = None, 0, 0, 0
-        self._docs, self._doc_raw, self._it, self._live = [], [], None, None
-        if self._stream == len(self._share.streams):
+        if self._stream + 1 < len(self.parts):
+            self._enter(self._stream + 1)
+            return
+        if self._transition is not None:
+            self._transition = None  # the dealt rest of the epoch is read: own share from here
+        else:
             if self._kept_in_epoch == 0:
                 raise CorpusError(
                     f"source {self._label!r} gives this reader no text at all ({self._share.mode} mode); "
                     "the corpus is too short for this many ranks x dataloader workers: use fewer, or more data"
                 )
             self.raw_per_epoch = self._raw_done  # learned exactly after one pass
-            self.epoch += 1
-            self._stream, self._raw_done, self._kept_in_epoch = 0, 0, 0
+        self.epoch += 1
+        self._raw_done, self._kept_in_epoch = 0, 0
+        self._enter(0)
+
+    def start_transition(self, parts: list[Part], epoch: int) -> None:
+        """Read `parts` (the rest of epoch `epoch`, dealt from another layout), then the own share."""
+        self._transition = tuple(parts) if parts else None
+        self.epoch = epoch if parts else epoch + 1
+        self._raw_done, self._kept_in_epoch = 0, 0
+        self._enter(0)
+
+    def remaining(self) -> list[Part]:
+        """The parts of the pass in progress not yet handed out: the current one from just
+        after the last document handed out, then the later ones."""
+        parts = self.parts
+        now = parts[self._stream]
+        now = dataclasses.replace(
+            now,
+            starts=tuple((o, max(s, self._done_raw)) for o, s in now.starts),
+            resume_state=copy.deepcopy(self._chunk_state),
+            resume_at=self._chunk_start,
+            read_size=self._read_size(now),  # the state was made reading this many at a time
+        )
+        return [now, *parts[self._stream + 1 :]]
 
     # -- progress -----------------------------------------------------------
     @property
     def epoch_fraction(self) -> float | None:
-        if not self.raw_per_epoch:
+        if not self.raw_per_epoch or self._transition is not None:
             return None
         return min(1.0, (self._raw_done + self._done_raw) / self.raw_per_epoch)
 
@@ -426,6 +504,7 @@ class DocCursor:
             "kept_in_epoch": self._kept_in_epoch,
             "done_raw": self._done_raw,
             "raw_per_epoch": self.raw_per_epoch,
+            "transition": None if self._transition is None else [p.to_dict() for p in self._transition],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -438,6 +517,8 @@ class DocCursor:
         self._kept_in_epoch = state["kept_in_epoch"]
         self._done_raw = state["done_raw"]
         self.raw_per_epoch = state["raw_per_epoch"]
+        transition = state["transition"]
+        self._transition = None if transition is None else tuple(Part.from_dict(p) for p in transition)
         self._docs, self._doc_raw, self._it, self._live, self._chunk_len = [], [], None, None, 0
 
 
@@ -477,6 +558,9 @@ class DocMixer:
     @property
     def undecodable_bytes(self) -> int:
         return sum(c.undecodable_bytes for c in self.cursors)
+
+    def reseed(self, seed) -> None:
+        self._rng = np.random.default_rng(seed)
 
     def state_dict(self) -> dict:
         return {"rng": copy.deepcopy(self._rng.bit_generator.state), "cursors": [c.state_dict() for c in self.cursors]}
