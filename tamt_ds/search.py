@@ -22,14 +22,16 @@ from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_bloc
 from tamt_ds.export import export_search_outputs
 from tamt_ds.maskfile import masks_for_model, read_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, attach_masks, check_settings
-from tamt_ds.models import DEFAULT_MODEL, load_model, load_tokenizer
+from tamt_ds.models import DEFAULT_MODEL, enable_gradient_checkpointing, load_model, load_tokenizer, random_weights_note
 from tamt_ds.monitor import Monitor, memory_mb
 from tamt_ds.objectives import OBJECTIVES, compute_loss, kd_loss, mlm_accuracy, teacher_hidden_states
 
 
 @dataclass
 class SearchArguments:
-    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "hub name or local model directory"})
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "hub name, local model directory, or config:NAME (published shape, random weights: "
+                "config:bert-base-uncased, config:bert-large-uncased, config:roberta-base, config:roberta-large)"})
     objective: str = field(default="kd", metadata={"help": "mlm, kd or mlm_kd"})
     sparsity: float = field(default=0.7, metadata={"help": "fraction of masked weights pruned, in [0, 1)"})
     mask_init: str = field(default="magnitude", metadata={"help": "magnitude, random, or a mask file path"})
@@ -47,6 +49,8 @@ class SearchArguments:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each layer's activations in backward (less memory, ~1/3 more compute); same masks"})
     seed: int = 42
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (default: one for this machine)"})
     output_dir: str = "outputs/search"
@@ -83,9 +87,9 @@ def validate(args: SearchArguments) -> None:
         raise SearchError(f"--max_steps must be at least 1, got {args.max_steps}")
 
 
-def run_config(args: SearchArguments, data: CorpusArguments, ds_config: dict) -> dict:
+def run_config(args: SearchArguments, data: CorpusArguments, ds_config: dict, random_weights: dict | None = None) -> dict:
     return {"search": dataclasses.asdict(args), "data": dataclasses.asdict(data), "deepspeed": ds_config,
-            "world_size": sharding.world_size()}
+            "world_size": sharding.world_size(), "random_weights": random_weights}
 
 
 def check_output_dir(args: SearchArguments) -> None:
@@ -149,7 +153,10 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     # Model: frozen weights, partitioned at load under ZeRO-3; one score next to each masked weight.
     tokenizer = load_tokenizer(args.model_name_or_path)
     use_mlm = "mlm" in args.objective
+    random_weights = random_weights_note(args.model_name_or_path)  # None for a pre-trained model
     model = load_model(args.model_name_or_path, with_mlm_head=use_mlm, ds_config=ds_config)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     head = [p for n, p in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")] if use_mlm else []
     for p in model.parameters():
         p.requires_grad_(False)
@@ -173,7 +180,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     eval_batches = build_validation_batches(data, tokenizer, batch_size=args.per_device_train_batch_size,
                                             rank=sharding.rank(), world_size=sharding.world_size(),
                                             seed=args.seed, mlm=use_mlm)
-    start_output_dir(args, run_config(args, data, ds_config))
+    start_output_dir(args, run_config(args, data, ds_config, random_weights))
     ckpt_root = os.path.join(args.output_dir, "checkpoints")
     step = 0
     if args.resume:
@@ -188,6 +195,9 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     monitor.write(f"TAMT-{args.objective} | sparsity {args.sparsity} | {len(masks)} masked matrices | "
                   f"world size {sharding.world_size()} | {eng.precision(ds_config)} | "
                   f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
+    if random_weights:
+        monitor.write(f"model {args.model_name_or_path}: RANDOM weights (seed {random_weights['seed']}), "
+                      f"published shapes only: for system and scaling runs, not a pre-trained model")
     batches = iter(loader)
     # Loss terms add up on the device and are read once per logging step: no host sync per step.
     window = {"t": time.perf_counter(), "tokens": 0, "blocks": 0, "terms": {}, "n": 0}
