@@ -101,6 +101,8 @@ def random_model_dir(name: str, *, config_path: Path | None = None) -> str:
     with open(root / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / "config.json").is_file():
+            print(f"building {name} (published shapes, random weights, seed {RANDOM_SEED}) into {final}",
+                  file=sys.stderr, flush=True)
             tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-")
             os.chmod(tmp, 0o755)  # a shared cache: readable by every user
             try:

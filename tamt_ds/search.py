@@ -20,6 +20,7 @@ from tamt_ds import checkpoint, engine as eng, sharding
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, default_train_files, \
     default_validation_files
 from tamt_ds.export import export_search_outputs
+from tamt_ds.host_memory import return_freed_memory_to_os
 from tamt_ds.maskfile import masks_for_model, read_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, attach_masks, check_settings
 from tamt_ds.models import DEFAULT_MODEL, enable_gradient_checkpointing, load_model, load_tokenizer, random_weights_note
@@ -144,6 +145,7 @@ def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
 def search(args: SearchArguments, data: CorpusArguments) -> dict:
     validate(args)
     check_output_dir(args)
+    return_freed_memory_to_os()  # CPU ranks: the resident set follows the memory in use (host_memory.py)
     eng.init_distributed()
     torch.manual_seed(args.seed)
     ds_config = eng.load_ds_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
