@@ -42,7 +42,7 @@ MODELS = {  # grid name -> --model_name_or_path
     "bert-large": "config:bert-large-uncased",
     "roberta-large": "config:roberta-large",
 }
-CONFIGS = ("zero3_cpu", "zero3_offload")
+CONFIGS = ("zero3_cpu", "zero3_offload")  # a "+gc" suffix (e.g. zero3_cpu+gc) adds --gradient_checkpointing
 GB = 1e9
 
 
@@ -178,13 +178,20 @@ def cell_name(model: str, config: str, ranks: int) -> str:
     return f"{model}__{config}__r{ranks}"
 
 
+def config_file(config: str) -> tuple[str, bool]:
+    """(DeepSpeed JSON path, gradient checkpointing) of a grid config label like zero3_cpu+gc."""
+    name, _, extra = config.partition("+")
+    return str(ROOT / "ds_configs" / f"{name}.json"), extra == "gc"
+
+
 def predict(args, model: str, config: str, ranks: int, mode: str):
     from tamt_ds import plan
 
+    path, gc = config_file(config)
     return plan.estimate(plan.PlanInput(
-        model=MODELS[model], world_size=ranks, deepspeed=str(ROOT / "ds_configs" / f"{config}.json"),
-        per_device_train_batch_size=args.batch, max_seq_length=args.seq, objective=args.objective,
-        trainable="scores" if mode == "masked" else "all", device=_device_kind()))
+        model=MODELS[model], world_size=ranks, deepspeed=path, per_device_train_batch_size=args.batch,
+        max_seq_length=args.seq, objective=args.objective, trainable="scores" if mode == "masked" else "all",
+        gradient_checkpointing=gc, device=_device_kind()))
 
 
 def _device_kind() -> str:
@@ -199,17 +206,26 @@ def _available_bytes() -> int:
     return psutil.virtual_memory().available
 
 
+def _wait_for_memory(need: float, wait_s: float) -> int:
+    """Available memory, once it covers `need` or after `wait_s` (a shared machine's other jobs come and go)."""
+    deadline = time.time() + wait_s
+    while (free := _available_bytes()) < need and time.time() < deadline:
+        time.sleep(10)
+    return free
+
+
 def launch(args, model: str, config: str, ranks: int, mode: str, out: Path) -> dict:
     """One torchrun of `cell`, watched: stopped (with its ranks) if the machine runs low on memory."""
     import psutil
 
     cores = os.cpu_count() or 1
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks)), "TOKENIZERS_PARALLELISM": "false"}
+    path, gc = config_file(config)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
            str(_free_port()), str(Path(__file__).resolve()), "cell", "--model", MODELS[model],
-           "--deepspeed", str(ROOT / "ds_configs" / f"{config}.json"), "--mode", mode, "--objective", args.objective,
+           "--deepspeed", path, "--mode", mode, "--objective", args.objective,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--out", str(out)]
+           "--warmup", str(args.warmup), "--out", str(out)] + (["--gradient_checkpointing"] if gc else [])
     log = out.with_suffix(".log")
     t0 = time.time()
     with open(log, "w") as f:
@@ -244,7 +260,7 @@ def run_grid(args) -> int:
                         continue
                     plan = predict(args, model, config, ranks, mode)
                     need = ranks * plan.per_rank_gb * GB * args.safety + 0.5 * GB
-                    free = _available_bytes()
+                    free = _wait_for_memory(need, args.wait_for_memory_s)
                     if need > free:
                         done[mode] = {"status": "skipped", "reason": f"needs ~{need / GB:.1f} GB (predicted "
                                       f"{plan.per_rank_gb:.1f} GB x {ranks} ranks), {free / GB:.1f} GB available"}
@@ -345,13 +361,14 @@ def targets(cells: list[dict]) -> list[str]:
     """The issue's targets, each PASS / FAIL / NOT MEASURED, with the figures."""
     by = {(c["model"], c["config"], c["ranks"]): c for c in cells}
     out = []
-    one = peak_gb(by.get(("bert-large", "zero3_cpu", 1), {}).get("masked"))
-    two = peak_gb(by.get(("bert-large", "zero3_cpu", 2), {}).get("masked"))
-    out.append("bert-large search, 1 rank (zero3_cpu, 4 x 128): peak <= 11 GB: " +
-               ("NOT MEASURED" if one is None else f"{'PASS' if one <= 11 else 'FAIL'} ({one:.2f} GB)"))
-    out.append("bert-large search, 2 ranks: per-rank peak <= 0.65 x the 1-rank peak: " +
-               ("NOT MEASURED" if one is None or two is None else
-                f"{'PASS' if two <= 0.65 * one else 'FAIL'} ({two:.2f} / {one:.2f} = {two / one:.2f})"))
+    for config in sorted({c["config"] for c in cells if c["config"].startswith("zero3_cpu")}):
+        one = peak_gb(by.get(("bert-large", config, 1), {}).get("masked"))
+        two = peak_gb(by.get(("bert-large", config, 2), {}).get("masked"))
+        out.append(f"bert-large search, 1 rank ({config}, 4 x 128): peak <= 11 GB: " +
+                   ("NOT MEASURED" if one is None else f"{'PASS' if one <= 11 else 'FAIL'} ({one:.2f} GB)"))
+        out.append(f"bert-large search, 2 ranks ({config}): per-rank peak <= 0.65 x the 1-rank peak: " +
+                   ("NOT MEASURED" if one is None or two is None else
+                    f"{'PASS' if two <= 0.65 * one else 'FAIL'} ({two:.2f} / {one:.2f} = {two / one:.2f})"))
     errors = [(c, mode, model_error(c.get(mode))) for c in cells for mode in ("masked", "dense")
               if model_error(c.get(mode)) is not None]
     worst = max(errors, key=lambda e: abs(e[2]), default=None)
@@ -410,6 +427,11 @@ def report(args) -> int:
     if not cells:
         print(f"no result files in {args.results_dir}: run `python benchmarks/scaling.py run` first", file=sys.stderr)
         return 2
+    for c in cells:  # the memory model as it is now (a cell keeps the prediction made when it ran, too)
+        for mode in ("masked", "dense"):
+            if mode in c:
+                c[mode]["predicted_at_run"] = c[mode]["predicted"]
+                c[mode]["predicted"] = predict(args, c["model"], c["config"], c["ranks"], mode).as_dict()
     doc = Path(args.doc)
     pngs = plots(cells, doc.parent / "scaling")
     runs = [r for c in cells for r in (c.get("masked"), c.get("dense")) if r]
@@ -563,6 +585,8 @@ def main(argv=None) -> int:
     grid.add_argument("--redo", action="store_true", help="measure cells already done again")
     grid.add_argument("--safety", type=float, default=1.25, help="skip a run unless predicted x this fits")
     grid.add_argument("--min_free_gb", type=float, default=1.0, help="stop a running cell below this")
+    grid.add_argument("--wait_for_memory_s", type=float, default=900,
+                      help="wait this long for enough available memory before skipping a run")
     grid.add_argument("--cell_timeout", type=int, default=3600)
 
     cell = sub.add_parser("cell", parents=[common], help="one measurement (launched by `run`, in every rank)")

@@ -300,7 +300,7 @@ def _activation_bytes(s: Shape, inp: PlanInput, b: int, on_cpu: bool) -> float:
         total += T * (L + 1) * h * b      # the teacher's hidden states
         total += T * L * 2 * h * 4        # the KD loss's fp32 copies of real tokens (student and teacher)
     if "mlm" in inp.objective or inp.trainable == "all":
-        total += T * (3 * h * b + 3 * V * 4)  # head transform; logits, log-softmax, their gradient (fp32)
+        total += T * (3 * h * b + 2 * V * 4)  # head transform; the saved log-softmax and its gradient (fp32)
     return total
 
 
