@@ -221,7 +221,7 @@ def launch(args, model: str, config: str, ranks: int, mode: str, out: Path) -> d
     cores = os.cpu_count() or 1
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks)), "TOKENIZERS_PARALLELISM": "false"}
     path, gc = config_file(config)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks), "--master_port",
            str(_free_port()), str(Path(__file__).resolve()), "cell", "--model", MODELS[model],
            "--deepspeed", path, "--mode", mode, "--objective", args.objective,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
@@ -255,7 +255,7 @@ def run_grid(args) -> int:
             for config in args.configs:
                 path = results / f"{cell_name(model, config, ranks)}.json"
                 done = json.loads(path.read_text()) if path.exists() else {}
-                for mode in ("masked", "dense"):
+                for mode in args.modes:
                     if done.get(mode, {}).get("status") == "ok" and not args.redo:
                         continue
                     plan = predict(args, model, config, ranks, mode)
@@ -267,7 +267,9 @@ def run_grid(args) -> int:
                     else:
                         print(f"{cell_name(model, config, ranks)} {mode}: predicted {plan.per_rank_gb:.2f} GB per rank, "
                               f"{free / GB:.1f} GB available", flush=True)
-                        done[mode] = launch(args, model, config, ranks, mode, results / f".{path.stem}.{mode}.json")
+                        runs = Path(args.runs_dir)
+                        runs.mkdir(parents=True, exist_ok=True)
+                        done[mode] = launch(args, model, config, ranks, mode, runs / f"{path.stem}.{mode}.json")
                     done[mode]["predicted"] = plan.as_dict()
                     done[mode]["date"] = datetime.date.today().isoformat()
                     done[mode]["machine"] = machine()
@@ -307,7 +309,7 @@ BEGIN, END = "<!-- scaling:begin (written by benchmarks/scaling.py report) -->",
 
 def load_cells(results_dir: str) -> list[dict]:
     cells = []
-    for path in sorted(Path(results_dir).glob("*.json")):
+    for path in sorted(Path(results_dir).glob("[!.]*__*__r*.json")):
         model, config, ranks = path.stem.split("__")
         cells.append({"model": model, "config": config, "ranks": int(ranks[1:]), **json.loads(path.read_text())})
     order = {m: i for i, m in enumerate(MODELS)}
@@ -582,7 +584,11 @@ def main(argv=None) -> int:
     grid.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
     grid.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     grid.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS))
+    grid.add_argument("--modes", type=lambda s: s.split(","), default=["masked", "dense"],
+                      help="masked (the search step) and/or dense (MLM, every weight trained)")
     grid.add_argument("--redo", action="store_true", help="measure cells already done again")
+    grid.add_argument("--runs_dir", default=str(ROOT / "outputs" / "scaling_runs"),
+                      help="each run's raw output and log")
     grid.add_argument("--safety", type=float, default=1.25, help="skip a run unless predicted x this fits")
     grid.add_argument("--min_free_gb", type=float, default=1.0, help="stop a running cell below this")
     grid.add_argument("--wait_for_memory_s", type=float, default=900,

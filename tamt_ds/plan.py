@@ -12,13 +12,14 @@ P_t = trainable (scores + MLM head; every weight for a dense step), T = tokens p
 
   frozen weights   P_w * b / N              ZeRO-3 partition (+ small persistent params, whole)
   scores           P_s * b / N              partitioned like the weights
-  gradients        P_t * b / N              DeepSpeed's flat gradient partition
+  gradients        P_t * b / N              DeepSpeed's flat gradient partition (+ fp32 copy, offload)
   optimizer states P_t * (4 + 8) / N        fp32 master copy (kept even in fp32) + Adam m, v
   reduce bucket    min(bucket, P_t) * b     full-size gradients waiting for the reduce-scatter
   activations      T * (L (10h + 2i + 3aS*) + 3h) * b + KD/MLM terms   (*: attention matrices;
                    on CPU, where PyTorch's SDPA falls back to the math path with dropout)
   masked weights   what the straight-through layer keeps for backward, per masked entry:
                    measured on a 16x16 MaskedLinear / MaskedEmbedding (tamt_ds.masking) here
+  mask statistics  what the MaskSet keeps per masked entry between steps (measured the same way)
   gather buffers   full weights + scores gathered at once (N > 1): the current module, the
                    prefetch bucket and what DeepSpeed keeps for reuse (max_reuse_distance); with
                    KD two modules (the teacher's no-grad forward leaves DeepSpeed no reusable trace)
@@ -139,10 +140,12 @@ class ZeroSettings:
 
 
 # ---- the masked layer's saved tensors, measured -------------------------------------------
-def masked_weight_saved_bytes(dtype_bytes: int) -> tuple[float, float]:
-    """Bytes per masked entry that a MaskedLinear / MaskedEmbedding keeps from its forward until
-    backward (beyond its parameters and inputs), measured on 16x16 layers with autograd's
-    saved-tensor hooks: (linear, embedding).  Follows whatever tamt_ds.masking does."""
+def masked_weight_saved_bytes(dtype_bytes: int) -> tuple[float, float, float]:
+    """Bytes per masked entry, measured on 16x16 layers, following whatever tamt_ds.masking does:
+    what a MaskedLinear / MaskedEmbedding keeps from its forward until backward (beyond its
+    parameters and inputs; autograd's saved-tensor hooks), and what the MaskSet keeps per entry
+    between steps (its tensors besides the parameters, e.g. masks for the statistics):
+    (linear, embedding, mask set)."""
     import torch
     from torch import nn
 
@@ -157,6 +160,8 @@ def masked_weight_saved_bytes(dtype_bytes: int) -> tuple[float, float]:
     for s in masks.scores:
         s.requires_grad_(True)
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    held = sum(t.untyped_storage().nbytes() for site in masks for t in vars(site).values()
+               if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in params)
     out = []
     # the linear's input requires grad, as every activation after a masked embedding does
     for name, x in (("lin", torch.randn(2, 16, dtype=dtype, requires_grad=True)), ("emb", torch.arange(16))):
@@ -172,7 +177,7 @@ def masked_weight_saved_bytes(dtype_bytes: int) -> tuple[float, float]:
             net[name](x)
         # what scales with the matrix (not with the 2-token input): the weight-sized tensors
         out.append(sum(v for v in saved.values() if v >= 16 * 16) / (16 * 16))
-    return out[0], out[1]
+    return out[0], out[1], held / (2 * 16 * 16)
 
 
 # ---- the estimate ----------------------------------------------------------------------
@@ -210,7 +215,7 @@ def _model_shape(model: str) -> Shape:
 
 
 def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings | None = None,
-             masked_bytes: tuple[float, float] | None = None) -> Plan:
+             masked_bytes: tuple[float, float, float] | None = None) -> Plan:
     from tamt_ds.engine import load_ds_config
 
     shape = shape or _model_shape(inp.model)
@@ -243,28 +248,37 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
         "P_w * b / N")
     if search:
         add("scores", p_scores * b / n, "persistent", param_where, "P_s * b / N")
-    add("gradients", p_train * b / n, "persistent", optim_where, "P_t * b / N")
+    if zero.offload_optimizer:  # the CPU optimizer steps on its own fp32 copy of the gradient partition
+        add("gradients", p_train * (b + 4) / n, "persistent", optim_where, "P_t * (b + 4 fp32 copy) / N")
+    else:
+        add("gradients", p_train * b / n, "persistent", optim_where, "P_t * b / N")
     add("optimizer states", p_train * 12 / n, "persistent", optim_where, "P_t * (4 master + 8 Adam) / N")
     add("reduce bucket", min(zero.reduce_bucket_size, p_train) * b, "persistent", "device",
         "min(reduce_bucket_size, P_t) * b")
     add("activations", _activation_bytes(shape, inp, b, on_cpu), "forward", "device",
         "T (L (10h + 2i + 3aS) + 3h) b + KD / MLM terms" if on_cpu else "T (L (10h + 2i) + 3h) b + KD / MLM terms")
     if search:
-        per_lin, per_emb = masked_bytes or masked_weight_saved_bytes(b)
+        per_lin, per_emb, per_set = masked_bytes or masked_weight_saved_bytes(b)
+        add("mask statistics", p_scores * per_set / n, "persistent", "device",
+            f"{per_set:g} B per masked entry / N (measured: the MaskSet's local masks)")
         emb = sum(v for k, v in masked.items() if "embeddings" in k)
         lin = p_scores - emb
-        largest = max(masked.values())
+        # the forward's peak is at its end, when the layers' transients are live (the embedding's
+        # larger ones come and go at its start, with no activations held yet)
+        largest = max(v for k, v in masked.items() if k.startswith("encoder.layer."))
         if inp.gradient_checkpointing:  # inside checkpointed layers only the recomputed layer keeps them
             layer = sum(v for k, v in masked.items() if k.startswith("encoder.layer.0."))
             lin = lin - L * layer + layer
         add("masked weights", lin * per_lin + emb * per_emb + largest * b, "forward", "device",
-            f"{per_lin:g} B per masked linear entry, {per_emb:g} per embedding entry (measured) + W*m of one matrix")
+            f"{per_lin:g} B per masked linear entry, {per_emb:g} per embedding entry (measured) + one layer's W*m")
     if n > 1:  # one rank: DeepSpeed's "gathered" parameter is its own partition, no copy
         largest_module = max(tensors.values()) * (2 if search else 1)  # weight (+ its score)
         if "kd" in inp.objective and search:
             # the teacher's no-grad forward releases everything it gathered at its end, and DeepSpeed's
-            # trace then never completes: no prefetch, no reuse; a module and the next one are live
-            gathered, formula = 2 * largest_module, "2 * largest module (weight + score) * b  (KD: no reuse)"
+            # trace then never completes: no prefetch, no reuse; at the forward's end a layer's module
+            # and the next one are live
+            layer_module = 2 * max(v for k, v in tensors.items() if k.startswith("encoder.layer."))
+            gathered, formula = 2 * layer_module, "2 * largest layer module (weight + score) * b  (KD: no reuse)"
         else:
             gathered = min(p_all + p_scores, zero.max_reuse_distance + zero.prefetch_bucket_size + largest_module)
             formula = "min(P_w + P_s, max_reuse_distance + prefetch_bucket_size + largest module) * b"
@@ -300,7 +314,7 @@ def _activation_bytes(s: Shape, inp: PlanInput, b: int, on_cpu: bool) -> float:
         total += T * (L + 1) * h * b      # the teacher's hidden states
         total += T * L * 2 * h * 4        # the KD loss's fp32 copies of real tokens (student and teacher)
     if "mlm" in inp.objective or inp.trainable == "all":
-        total += T * (3 * h * b + 2 * V * 4)  # head transform; the saved log-softmax and its gradient (fp32)
+        total += T * (3 * h * b + 2 * V * b)  # head transform; the saved log-softmax and its gradient
     return total
 
 

@@ -77,7 +77,7 @@ def _zero(**kw):
 
 def test_terms_are_the_documented_formulas():
     inp = plan.PlanInput(model="x", world_size=4, per_device_train_batch_size=2, max_seq_length=16, device="gpu")
-    p = plan.estimate(inp, shape=SHAPE, zero=_zero(), masked_bytes=(3.0, 1.0))
+    p = plan.estimate(inp, shape=SHAPE, zero=_zero(), masked_bytes=(3.0, 1.0, 2.0))
     parts = {x.name: x.gb * plan.GB for x in p.parts}
     tensors = plan.parameter_tensors(SHAPE)
     p_w = sum(tensors.values())
@@ -90,8 +90,10 @@ def test_terms_are_the_documented_formulas():
     assert parts["gradients"] == pytest.approx(p_s * 2 / 4)
     assert parts["optimizer states"] == pytest.approx(p_s * 12 / 4)
     assert parts["reduce bucket"] == pytest.approx(10_000 * 2)
-    assert parts["masked weights"] == pytest.approx((p_s - emb) * 3 + emb * 1 + max(masked.values()) * 2)
-    assert parts["gather buffers"] == pytest.approx(2 * (2 * max(tensors.values())) * 2)  # KD: 2 modules (W + S)
+    layer_max = max(v for k, v in masked.items() if k.startswith("encoder.layer."))
+    assert parts["masked weights"] == pytest.approx((p_s - emb) * 3 + emb * 1 + layer_max * 2)
+    assert parts["mask statistics"] == pytest.approx(p_s * 2.0 / 4)
+    assert parts["gather buffers"] == pytest.approx(2 * (2 * layer_max) * 2)  # KD: 2 layer modules (W + S)
     assert parts["step temporaries"] == pytest.approx(3 * p_s / 4 * 4)
     T, h, L, i = 32, 64, 2, 256
     assert parts["activations"] == pytest.approx(T * (L * (10 * h + 2 * i) + 3 * h) * 2 + T * (L + 1) * h * 2
@@ -101,7 +103,7 @@ def test_terms_are_the_documented_formulas():
     assert p.per_rank_gb == pytest.approx(persistent + transients)
     # more ranks: the partitioned parts shrink, the per-rank batch's parts do not
     p8 = plan.estimate(plan.PlanInput(**{**inp.__dict__, "world_size": 8}), shape=SHAPE, zero=_zero(),
-                       masked_bytes=(3.0, 1.0))
+                       masked_bytes=(3.0, 1.0, 2.0))
     parts8 = {x.name: x.gb * plan.GB for x in p8.parts}
     assert parts8["optimizer states"] == pytest.approx(parts["optimizer states"] / 2)
     assert parts8["activations"] == parts["activations"]
@@ -109,8 +111,8 @@ def test_terms_are_the_documented_formulas():
 
 def test_offload_moves_model_states_to_the_host():
     inp = plan.PlanInput(model="x", world_size=2, per_device_train_batch_size=2, max_seq_length=16, device="gpu")
-    on = plan.estimate(inp, shape=SHAPE, zero=_zero(offload_param=True, offload_optimizer=True), masked_bytes=(3, 1))
-    off = plan.estimate(inp, shape=SHAPE, zero=_zero(), masked_bytes=(3, 1))
+    on = plan.estimate(inp, shape=SHAPE, zero=_zero(offload_param=True, offload_optimizer=True), masked_bytes=(3, 1, 2))
+    off = plan.estimate(inp, shape=SHAPE, zero=_zero(), masked_bytes=(3, 1, 2))
     where = {x.name: x.where for x in on.parts}
     assert where["frozen weights"] == where["optimizer states"] == "host" and where["activations"] == "device"
     assert on.per_rank_gb < off.per_rank_gb and on.host_per_rank_gb > 0
