@@ -59,7 +59,7 @@ def tiny_config(tmp: Path, model: str) -> Path:
     return path
 
 
-def run_study(config: Path, *extra, timeout: int = 1800) -> subprocess.CompletedProcess:
+def run_study(config: Path, *extra, timeout: int = 2400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(LAUNCHER), "--config", str(config), *extra], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 

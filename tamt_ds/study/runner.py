@@ -301,13 +301,22 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
-def run_job(cfg: StudyConfig, job: Job, log_path: str) -> float:
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_job(cfg: StudyConfig, job: Job, log_path: str) -> tuple[float, float]:
+    """Run one job; (wall seconds, CPU seconds of its processes: a load-independent measure
+    of its cost, used to calibrate the budget on a busy machine)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if cfg.nproc > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
     cmd = command(cfg, job)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu_s()
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n$ {shlex.join(cmd)}\n")
         log.flush()
@@ -321,19 +330,20 @@ def run_job(cfg: StudyConfig, job: Job, log_path: str) -> float:
         reason = errors[-1] if errors else f"exit code {proc.returncode}"
         raise StudyError(f"{job.name} failed ({reason}); its log: {log_path}; fix it and rerun the study "
                          f"(finished cells are kept)")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _children_cpu_s() - cpu0
 
 
 def log_name(job: Job) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in job.name)[:120] + ".log"
 
 
-def record_timing(cfg: StudyConfig, job: Job, seconds: float) -> None:
+def record_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: float) -> None:
     from tamt_ds.checkpoint import atomic_write_text
 
     path = os.path.join(cfg.out, "timings.json")
     rows = read_json(path) or []
     rows.append({"stage": job.stage, "job": job.name, "cells": job.cells, "seconds": round(seconds, 1),
+                 "cpu_seconds": round(cpu_seconds, 1),
                  "estimate_s": round(job.estimate_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
 
@@ -354,10 +364,10 @@ def run_study(cfg: StudyConfig, *, plot_only: bool = False, dry_run: bool = Fals
             left = sum(j.estimate_s for j in jobs[i - 1:]) / 60
             print(f"[{i}/{len(jobs)}] {job.stage}: {job.name} (est. {job.estimate_s / 60:.1f} min; "
                   f"{left:.1f} min left in the plan)", flush=True)
-            seconds = run_job(cfg, job, os.path.join(cfg.out, "logs", log_name(job)))
-            record_timing(cfg, job, seconds)
-            print(f"      done in {seconds / 60:.1f} min ({(time.perf_counter() - t_start) / 60:.1f} min so far)",
-                  flush=True)
+            seconds, cpu = run_job(cfg, job, os.path.join(cfg.out, "logs", log_name(job)))
+            record_timing(cfg, job, seconds, cpu)
+            print(f"      done in {seconds / 60:.1f} min, {cpu / 60:.1f} CPU-min "
+                  f"({(time.perf_counter() - t_start) / 60:.1f} min so far)", flush=True)
         jobs, counts = plan(cfg)  # everything should be done now
         if jobs:
             raise StudyError(f"{len(jobs)} job(s) still pending after running them, e.g. {jobs[0].name}: "
