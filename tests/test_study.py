@@ -97,8 +97,8 @@ def test_resume_redoes_nothing_finished(study):
     assert "[1/" in study["killed"] and "finetune" in study["killed"]  # progress: which job, how many
     for path, stamp in study["stamps"].items():
         assert path.stat().st_mtime_ns == stamp, f"{path} was rewritten"
-    assert "search tamt-kd" not in log and "imp m1" not in log  # no mask stage job: all masks were done
-    assert "evaluate" not in log.split("finetune")[0].split("job(s) to run")[1]
+    jobs = [l for l in log.splitlines() if l.startswith("[")]  # "[i/n] stage: job (est. ...)"
+    assert jobs and all(" finetune: " in l for l in jobs), jobs  # masks and evaluations were all done
     task_dir = study["first"].parent.name
     cell = study["first"].parent.parent.name
     assert not any(f"finetune {cell} on" in l and task_dir.removeprefix("local-") in l.split(" on ")[1]
@@ -209,3 +209,13 @@ def test_no_dev_or_test_input_of_the_tasks_in_the_upstream_sample():
         with open(SHARED / task / "train.tsv", encoding="utf-8") as f:
             train = {row[c].strip() for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) for c in cols}
         assert len(train & sample) > 0.5 * len(train)  # the check can fail: train inputs are there
+
+
+def test_spearman_interval():
+    from tamt_ds.study.report import spearman_with_interval
+
+    up = spearman_with_interval([1, 2, 3, 4, 5], [10, 20, 30, 40, 50])
+    assert up["rho"] == pytest.approx(1.0) and up["low"] == pytest.approx(1.0) and up["n"] == 5
+    mixed = spearman_with_interval([1, 2, 3, 4, 5, 6], [3, 1, 4, 1, 5, 9])
+    assert -1 <= mixed["low"] < mixed["high"] <= 1 and -1 <= mixed["rho"] <= 1
+    assert spearman_with_interval([1, 2], [2, 1])["rho"] is None  # too few points

@@ -28,17 +28,21 @@ class StudyError(ValueError):
 
 @dataclass
 class Budget:
-    """Seconds per unit of work on the reference machine (quiet, 2 CPU cores), to print a
-    plan's cost before it runs; measured figures in docs/study.md."""
+    """CPU seconds per unit of work on the reference machine (2 CPU cores), measured with the
+    processes' own CPU time, which other jobs on a shared machine do not inflate (figures in
+    docs/study.md).  The plan converts them to wall time: one job at a time keeps about
+    `single_job_cores` busy (torch's threads), `parallel_jobs` > 1 one core each."""
     minutes: float = 60.0
-    process_start_s: float = 20.0  # imports, model load, DeepSpeed set-up, per subprocess
-    search_step_s: float = 2.0  # one TAMT-KD step (teacher + student, default batch)
-    search_mlm_step_s: float = 2.6  # one TAMT-MLM(+KD) step
-    imp_step_s: float = 2.6  # one MLM step of all weights
-    imp_round_s: float = 8.0  # fresh engine, pruning, saving, per round
-    eval_mask_s: float = 5.0  # one mask on the held-out blocks
-    finetune_step_s: float = 0.6  # one fine-tuning step
-    finetune_eval_s: float = 10.0  # one evaluation of the dev (and test) split
+    cores: int = 2
+    single_job_cores: float = 1.7  # measured: a 300-step search, 1081 CPU-s in 633 s on a quiet 2-core machine
+    process_start_cpu_s: float = 30.0  # imports, model load, DeepSpeed set-up, per subprocess
+    search_step_cpu_s: float = 3.5  # one TAMT-KD step of 64 x 32 tokens (teacher + student)
+    search_mlm_step_cpu_s: float = 4.5  # one TAMT-MLM(+KD) step
+    imp_step_cpu_s: float = 3.0  # one MLM step of all weights
+    imp_round_cpu_s: float = 10.0  # fresh engine, pruning, saving, per round
+    eval_mask_cpu_s: float = 6.0  # one mask on the held-out blocks
+    finetune_step_cpu_s: float = 1.3  # one fine-tuning step (batch 32 of short sentences)
+    finetune_run_cpu_s: float = 25.0  # per task and seed: model load, engine, evaluation of dev and test
 
 
 @dataclass
@@ -57,6 +61,7 @@ class StudyConfig:
     model_name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
     launcher: str = "python"  # python (one process) | torchrun | deepspeed
     nproc: int = 1
+    parallel_jobs: int = 1  # jobs of one stage run side by side (each with cores / parallel_jobs threads)
     deepspeed: str | None = None  # DeepSpeed config for every stage (default: the machine's)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
@@ -163,6 +168,8 @@ def validate(cfg: StudyConfig) -> None:
         raise StudyError(f"{where}: mask_seeds needs at least one seed, e.g. [1]")
     if cfg.launcher not in ("python", "torchrun", "deepspeed"):
         raise StudyError(f"{where}: launcher must be python, torchrun or deepspeed, got {cfg.launcher!r}")
+    if cfg.parallel_jobs < 1:
+        raise StudyError(f"{where}: parallel_jobs must be at least 1, got {cfg.parallel_jobs}")
     if cfg.nproc < 1 or (cfg.launcher == "python" and cfg.nproc != 1):
         raise StudyError(f"{where}: nproc must be 1 with launcher python (use torchrun or deepspeed for more)")
     if "imp" in cfg.methods:

@@ -192,9 +192,12 @@ def markdown(cfg: StudyConfig, rows: list[dict], corr: list[dict], figures: list
     if not have_mlm:
         lines += ["", "MLM loss: not measured (the model has no pre-trained MLM head)."]
     if timings:
-        lines += ["", "Wall time per stage (this run, minutes): " + ", ".join(
-            f"{stage} {sum(t['seconds'] for t in timings if t['stage'] == stage) / 60:.1f}"
-            for stage in dict.fromkeys(t["stage"] for t in timings)) + "."]
+        stages = list(dict.fromkeys(t["stage"] for t in timings))
+        wall = {s: sum(t["seconds"] for t in timings if t["stage"] == s and t["job"] == "(stage)") for s in stages}
+        cpu = {s: sum(t.get("cpu_seconds", 0) for t in timings if t["stage"] == s and t["job"] != "(stage)")
+               for s in stages}
+        lines += ["", "Time per stage (timings.json; a resumed study adds up its runs): " + ", ".join(
+            f"{s} {wall[s] / 60:.1f} min wall, {cpu[s] / 60:.1f} CPU-min" for s in stages) + "."]
     lines += ["", *[f"![{f}]({f})" for f in figures], ""]
     return "\n".join(lines)
 

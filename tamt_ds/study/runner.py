@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ class Job:
     name: str
     script: str  # a launcher, relative to the repository root
     args: list[str]
-    estimate_s: float
+    cpu_s: float  # estimated CPU seconds (config's budget section)
     cells: int  # result cells this job completes
     outputs: list[str] = field(default_factory=list)  # what it writes (for the log line)
 
@@ -177,12 +178,12 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
         if cell.method in TAMT_METHODS and not count(os.path.isfile(mask_path(cfg, cell))):
             objective = TAMT_METHODS[cell.method]
             steps = int(cfg.search.get("max_steps", 120))
-            step_s = b.search_step_s if objective == "kd" else b.search_mlm_step_s
+            step_s = b.search_step_cpu_s if objective == "kd" else b.search_mlm_step_cpu_s
             jobs.append(Job("masks", f"search {cell.id}", "launchers/search.py",
                             common_args(cfg) + ["--objective", objective, "--sparsity", f"{cell.sparsity:g}",
                                                 "--seed", str(cell.seed), "--output_dir", search_dir(cfg, cell),
                                                 "--resume", "True"] + cli(cfg.search),
-                            b.process_start_s + steps * step_s, 1, [mask_path(cfg, cell)]))
+                            b.process_start_cpu_s + steps * step_s, 1, [mask_path(cfg, cell)]))
     if "imp" in cfg.methods:
         levels = cfg.imp_levels
         interval = int(cfg.imp.get("prune_interval", 20))
@@ -197,7 +198,7 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                                 common_args(cfg) + ["--max_sparsity", f"{levels[-1]:g}", "--seed", str(seed),
                                                     "--output_dir", imp_dir(cfg, seed), "--resume", "True"]
                                 + cli(cfg.imp),
-                                b.process_start_s + left * (interval * b.imp_step_s + b.imp_round_s),
+                                b.process_start_cpu_s + left * (interval * b.imp_step_cpu_s + b.imp_round_cpu_s),
                                 sum(not d for d in done), [os.path.dirname(mask_path(cfg, c)) for c in wanted]))
 
     # evaluate: every mask's pre-training losses; OMP / random masks saved as files for fine-tuning.
@@ -230,11 +231,11 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                         "launchers/evaluate_mask.py",
                         common_args(cfg) + ["--mask", *masks, "--output", *outputs, "--save_mask", *saves,
                                             "--mask_seed", str(key)] + cli(_eval_files(cfg)),
-                        b.process_start_s + len(group) * b.eval_mask_s, len(group), outputs))
+                        b.process_start_cpu_s + len(group) * b.eval_mask_cpu_s, len(group), outputs))
 
     # finetune: one job per mask, its unfinished tasks x all seeds
     tasks = task_ids(cfg)
-    per_task_s = {name: len(cfg.finetune.seeds) * (_finetune_steps(cfg, t) * b.finetune_step_s + b.finetune_eval_s)
+    per_task_s = {name: len(cfg.finetune.seeds) * (_finetune_steps(cfg, t) * b.finetune_step_cpu_s + b.finetune_run_cpu_s)
                   for name, t in tasks.items()}
     for cell in cells:
         results = finetune_results(cfg, cell)
@@ -248,24 +249,33 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                                             "--seeds", ",".join(map(str, cfg.finetune.seeds)),
                                             "--output_dir", finetune_dir(cfg, cell)]
                         + (["--overwrite_output_dir", "True"] if partial else []) + cli(cfg.finetune.args),
-                        b.process_start_s + sum(per_task_s[n] for n in pending), len(pending),
+                        b.process_start_cpu_s + sum(per_task_s[n] for n in pending), len(pending),
                         [finetune_dir(cfg, cell)]))
     return jobs, counts
+
+
+def stage_minutes(cfg: StudyConfig, jobs: list[Job]) -> float:
+    """Estimated wall minutes of a stage's jobs on the reference machine."""
+    b = cfg.budget
+    cores = min(cfg.parallel_jobs, len(jobs), b.cores) if cfg.parallel_jobs > 1 else b.single_job_cores
+    return sum(j.cpu_s for j in jobs) / max(cores, 1.0) / 60
 
 
 def print_budget(cfg: StudyConfig, jobs: list[Job], counts: dict) -> None:
     b = cfg.budget
     print(f"study {cfg.name!r} ({cfg.source}) -> {cfg.out}", flush=True)
     print(f"{counts['done']} of {counts['total']} cells done; {len(jobs)} job(s) to run", flush=True)
-    print("estimated time on the reference machine (quiet, 2 CPU cores; budget section of the config):")
-    print(f"  {'stage':<10}{'jobs':>6}{'cells':>7}{'minutes':>10}")
+    print(f"estimated time on the reference machine ({b.cores} CPU cores, nothing else running; "
+          f"{cfg.parallel_jobs} job(s) at a time; the budget section of the config):")
+    print(f"  {'stage':<10}{'jobs':>6}{'cells':>7}{'CPU min':>9}{'minutes':>9}")
     total = 0.0
     for stage in ("masks", "evaluate", "finetune"):
         mine = [j for j in jobs if j.stage == stage]
-        minutes = sum(j.estimate_s for j in mine) / 60
+        minutes = stage_minutes(cfg, mine) if mine else 0.0
         total += minutes
-        print(f"  {stage:<10}{len(mine):>6}{sum(j.cells for j in mine):>7}{minutes:>10.1f}")
-    print(f"  {'total':<23}{total:>10.1f}   (budget {b.minutes:g} min)", flush=True)
+        print(f"  {stage:<10}{len(mine):>6}{sum(j.cells for j in mine):>7}{sum(j.cpu_s for j in mine) / 60:>9.1f}"
+              f"{minutes:>9.1f}")
+    print(f"  {'total':<32}{total:>9.1f}   (budget {b.minutes:g} min)", flush=True)
     if total > b.minutes:
         print(f"  note: the plan exceeds the budget by {total - b.minutes:.1f} min", flush=True)
 
@@ -291,37 +301,40 @@ def command(cfg: StudyConfig, job: Job) -> list[str]:
     return [sys.executable, script, *job.args]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """A killed study takes its running job down with it (Linux), so a rerun never races an orphan."""
+def _prctl():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
-def _children_cpu_s() -> float:
-    import resource
+_PRCTL = _prctl() if sys.platform == "linux" else None  # bound here: the child only calls it
 
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    """A killed study takes its running jobs down with it (Linux), so a rerun never races an orphan."""
+    _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def run_job(cfg: StudyConfig, job: Job, log_path: str) -> tuple[float, float]:
-    """Run one job; (wall seconds, CPU seconds of its processes: a load-independent measure
-    of its cost, used to calibrate the budget on a busy machine)."""
+    """Run one job; (wall seconds, CPU seconds of its processes: a measure of its cost that
+    other jobs on a shared machine do not inflate, used to calibrate the budget)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if cfg.nproc > 1:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
+    threads = (cfg.budget.cores or os.cpu_count() or 1) // max(cfg.nproc * cfg.parallel_jobs, 1)
+    if cfg.nproc > 1 or cfg.parallel_jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
     cmd = command(cfg, job)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    t0, cpu0 = time.perf_counter(), _children_cpu_s()
+    t0 = time.perf_counter()
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n$ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent if _PRCTL is not None else None)
+        _, status, usage = os.wait4(proc.pid, 0)  # this job's own CPU time, even with jobs side by side
+        proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         with open(log_path, encoding="utf-8", errors="replace") as f:
             tail = f.read().splitlines()[-40:]
@@ -330,22 +343,64 @@ def run_job(cfg: StudyConfig, job: Job, log_path: str) -> tuple[float, float]:
         reason = errors[-1] if errors else f"exit code {proc.returncode}"
         raise StudyError(f"{job.name} failed ({reason}); its log: {log_path}; fix it and rerun the study "
                          f"(finished cells are kept)")
-    return time.perf_counter() - t0, _children_cpu_s() - cpu0
+    return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
 
 
 def log_name(job: Job) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in job.name)[:120] + ".log"
 
 
+_TIMINGS_LOCK = threading.Lock()
+
+
 def record_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: float) -> None:
+    with _TIMINGS_LOCK:  # jobs of a stage may finish side by side
+        _append_timing(cfg, job, seconds, cpu_seconds)
+
+
+def _append_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: float) -> None:
     from tamt_ds.checkpoint import atomic_write_text
 
     path = os.path.join(cfg.out, "timings.json")
     rows = read_json(path) or []
     rows.append({"stage": job.stage, "job": job.name, "cells": job.cells, "seconds": round(seconds, 1),
                  "cpu_seconds": round(cpu_seconds, 1),
-                 "estimate_s": round(job.estimate_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+                 "estimated_cpu_seconds": round(job.cpu_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
+
+
+def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
+    """Stage after stage; within a stage, up to `parallel_jobs` jobs side by side.  One line
+    when a job starts (which, how many left, the plan's estimate) and when it ends."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    t_start, started = time.perf_counter(), [0]
+
+    def one(job: Job) -> None:
+        started[0] += 1
+        left = len(jobs) - started[0]
+        print(f"[{started[0]}/{len(jobs)}] {job.stage}: {job.name} (est. {job.cpu_s / 60:.1f} CPU-min; "
+              f"{left} job(s) after it)", flush=True)
+        seconds, cpu = run_job(cfg, job, os.path.join(cfg.out, "logs", log_name(job)))
+        record_timing(cfg, job, seconds, cpu)
+        print(f"      {job.name}: done in {seconds / 60:.1f} min, {cpu / 60:.1f} CPU-min "
+              f"({(time.perf_counter() - t_start) / 60:.1f} min so far)", flush=True)
+
+    for stage in ("masks", "evaluate", "finetune"):
+        mine = [j for j in jobs if j.stage == stage]
+        if not mine:
+            continue
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=cfg.parallel_jobs) as pool:
+            futures = [pool.submit(one, job) for job in mine]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                for f in futures:
+                    f.cancel()
+                raise failed[0].exception()
+        record_timing(cfg, Job(stage, "(stage)", "", [], sum(j.cpu_s for j in mine), sum(j.cells for j in mine)),
+                      time.perf_counter() - t0, 0.0)
 
 
 def run_study(cfg: StudyConfig, *, plot_only: bool = False, dry_run: bool = False) -> dict:
@@ -357,17 +412,9 @@ def run_study(cfg: StudyConfig, *, plot_only: bool = False, dry_run: bool = Fals
         print_budget(cfg, jobs, counts)
         if dry_run:
             for job in jobs:
-                print(f"  {job.stage}: {job.name} ({job.estimate_s / 60:.1f} min)")
+                print(f"  {job.stage}: {job.name} ({job.cpu_s / 60:.1f} CPU-min)")
             return {}
-        t_start = time.perf_counter()
-        for i, job in enumerate(jobs, 1):
-            left = sum(j.estimate_s for j in jobs[i - 1:]) / 60
-            print(f"[{i}/{len(jobs)}] {job.stage}: {job.name} (est. {job.estimate_s / 60:.1f} min; "
-                  f"{left:.1f} min left in the plan)", flush=True)
-            seconds, cpu = run_job(cfg, job, os.path.join(cfg.out, "logs", log_name(job)))
-            record_timing(cfg, job, seconds, cpu)
-            print(f"      done in {seconds / 60:.1f} min, {cpu / 60:.1f} CPU-min "
-                  f"({(time.perf_counter() - t_start) / 60:.1f} min so far)", flush=True)
+        run_stages(cfg, jobs)
         jobs, counts = plan(cfg)  # everything should be done now
         if jobs:
             raise StudyError(f"{len(jobs)} job(s) still pending after running them, e.g. {jobs[0].name}: "
