@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 NPROC ?= 1
 
-.PHONY: setup search test bench clean
+.PHONY: setup search study test bench clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -12,6 +12,12 @@ setup:
 # The main job: TAMT-KD at 70% sparsity on all-MiniLM-L6-v2 and the shipped text sample.
 search: setup
 	$(VENV)/bin/deepspeed --num_accelerators $(NPROC) --num_nodes 1 launchers/search.py $(ARGS)
+
+# The paper's experiments, small: TAMT-KD, IMP (short), OMP, random at 0.5 / 0.7 / 0.9 on
+# all-MiniLM-L6-v2 -> pre-training losses -> supersense_verb + wic_wn (../shared/data), 2 seeds
+# -> outputs/study/study.{json,md} + figures (docs/study.md).  Rerun to continue a killed study.
+study: setup
+	$(PY) launchers/study.py --config studies/embedded.yaml $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)

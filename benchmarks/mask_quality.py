@@ -6,13 +6,24 @@ same per-matrix sparsity (same matrices), and measures on held-out text
 
     KD loss = mean over layers of mean over real tokens of (1 - cos(h_pruned, h_dense))
 
-Prints both losses and `ratio=<searched/omp>` last (the target: <= 0.85).
+for three kinds of text the default search never read (from ../shared/data, next to the
+repository; `--data_dir` or TAMT_SHARED_DATA elsewhere):
 
-    python benchmarks/mask_quality.py --run_dir outputs/search [--text FILE --skip_lines N]
+    pydoc     256 Python-docs paragraphs (pydoc_corpus/train.txt lines 4000+; the shipped
+              sample holds lines 1-3948)
+    glosses   256 WordNet verb glosses (supersense_verb/test.tsv, column sentence)
+    examples  256 WordNet example sentences (wic_wn/test.tsv, column sentence1)
+
+or on one file of your own (`--text FILE --skip_lines N`, one document a line).  Prints
+one line per text and `ratios=<searched/omp, ...>` last (the target: <= 0.5 each).
+
+    python benchmarks/mask_quality.py --run_dir outputs/search
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
 import sys
 
@@ -20,7 +31,28 @@ import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "..", "shared", "data", "pydoc_corpus", "train.txt")
+TEXTS = {  # name: (file under the shared data directory, lines to skip, TSV column or None)
+    "pydoc": ("pydoc_corpus/train.txt", 4000, None),
+    "glosses": ("supersense_verb/test.tsv", 0, "sentence"),
+    "examples": ("wic_wn/test.tsv", 0, "sentence1"),
+}
+
+
+def shared_data_dir(given: str | None) -> str:
+    path = given or os.environ.get("TAMT_SHARED_DATA") or os.path.join(HERE, "..", "..", "shared", "data")
+    if not os.path.isdir(path):
+        sys.exit(f"error: shared data directory {os.path.abspath(path)} not found: pass --data_dir DIR "
+                 f"(the folder holding pydoc_corpus/, supersense_verb/, wic_wn/) or set TAMT_SHARED_DATA")
+    return path
+
+
+def read_docs(path: str, skip: int, column: str | None, n: int) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        if column is None:
+            lines = f.readlines()[skip:]
+        else:
+            lines = [row[column] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)][skip:]
+    return [l.strip() for l in lines if l.strip()][:n]
 
 
 def dense_path(name: str) -> str:
@@ -65,13 +97,23 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run_dir", default="outputs/search")
     ap.add_argument("--dense", default=None, help="dense model (default: the run's model)")
-    ap.add_argument("--text", default=SHARED, help="held-out text, one document per line")
-    ap.add_argument("--skip_lines", type=int, default=4000, help="skip lines the search may have read")
+    ap.add_argument("--texts", default="pydoc,glosses,examples", help=f"comma-separated, of {', '.join(TEXTS)}")
+    ap.add_argument("--data_dir", default=None, help="the shared data directory (default: ../shared/data)")
+    ap.add_argument("--text", default=None, help="instead: one file of held-out text, one document per line")
+    ap.add_argument("--skip_lines", type=int, default=0, help="with --text: skip lines the search may have read")
     ap.add_argument("--docs", type=int, default=256)
     ap.add_argument("--max_length", type=int, default=128)
     a = ap.parse_args()
 
-    import json
+    if a.text:
+        texts = {os.path.basename(a.text): read_docs(a.text, a.skip_lines, None, a.docs)}
+    else:
+        root = shared_data_dir(a.data_dir)
+        names = [t.strip() for t in a.texts.split(",") if t.strip()]
+        unknown = [t for t in names if t not in TEXTS]
+        if unknown:
+            sys.exit(f"error: unknown --texts {unknown}: use names of {', '.join(TEXTS)}, or --text FILE")
+        texts = {t: read_docs(os.path.join(root, TEXTS[t][0]), TEXTS[t][1], TEXTS[t][2], a.docs) for t in names}
 
     with open(os.path.join(a.run_dir, "run_config.json")) as f:
         name = a.dense or json.load(f)["search"]["model_name_or_path"]
@@ -80,16 +122,17 @@ def main() -> int:
     searched = AutoModel.from_pretrained(os.path.join(a.run_dir, "pruned_model")).eval()
     mask = torch.load(os.path.join(a.run_dir, "mask.pt"), weights_only=True)
     omp = omp_model(dense, mask).eval()
-
-    with open(a.text, encoding="utf-8") as f:
-        lines = [l.strip() for l in f.readlines()[a.skip_lines:] if l.strip()][: a.docs]
-    batches = [tok(lines[i:i + 16], truncation=True, max_length=a.max_length, padding=True, return_tensors="pt")
-               for i in range(0, len(lines), 16)]
     zeros = sum(int((~m).sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
-    l_search, l_omp = kd_loss(searched, dense, batches), kd_loss(omp, dense, batches)
-    print(f"held-out docs={len(lines)} from {a.text} (lines {a.skip_lines}+); sparsity={zeros:.4f}")
-    print(f"kd_loss searched={l_search:.4f} omp={l_omp:.4f}")
-    print(f"ratio={l_search / l_omp:.3f}")
+    print(f"{a.run_dir}: sparsity={zeros:.4f} over {len(mask)} matrices")
+
+    ratios = []
+    for label, docs in texts.items():
+        batches = [tok(docs[i:i + 16], truncation=True, max_length=a.max_length, padding=True, return_tensors="pt")
+                   for i in range(0, len(docs), 16)]
+        l_search, l_omp = kd_loss(searched, dense, batches), kd_loss(omp, dense, batches)
+        ratios.append(l_search / l_omp)
+        print(f"{label}: {len(docs)} docs, kd_loss searched={l_search:.4f} omp={l_omp:.4f} ratio={ratios[-1]:.3f}")
+    print("ratios=" + ",".join(f"{r:.3f}" for r in ratios))
     return 0
 
 

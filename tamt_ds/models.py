@@ -202,7 +202,8 @@ def load_tokenizer(name_or_path: str):
 def load_model(name_or_path: str, *, with_mlm_head: bool, ds_config: dict | None = None, **kwargs) -> nn.Module:
     """The backbone (AutoModel) or backbone + MLM head (AutoModelForMaskedLM).
 
-    A checkpoint without an MLM head (MiniLM) gets a freshly initialised one.
+    A checkpoint without an MLM head (MiniLM) gets a freshly initialised one, and the
+    MLM model gets the backbone's pooler (see attach_backbone_pooler).
     Under a ZeRO-3 config the parameters come out partitioned.
     """
     from transformers import AutoModel, AutoModelForMaskedLM
@@ -210,7 +211,31 @@ def load_model(name_or_path: str, *, with_mlm_head: bool, ds_config: dict | None
     auto_cls = AutoModelForMaskedLM if with_mlm_head else AutoModel
     with zero3_init(ds_config):
         model = _from_pretrained(auto_cls, resolve_model_path(name_or_path), **kwargs)
+    if with_mlm_head:
+        attach_backbone_pooler(model, name_or_path, ds_config=ds_config, **kwargs)
     return model
+
+
+def attach_backbone_pooler(model: nn.Module, name_or_path: str, *, ds_config: dict | None = None, **kwargs) -> None:
+    """Give an MLM model the pooler its backbone has when loaded alone (AutoModel).
+
+    BertForMaskedLM / RobertaForMaskedLM build their backbone without a pooler, so a
+    TAMT-MLM or MLM+KD mask would have no `pooler.dense` entry while KD, OMP and random
+    masks have one.  With the pooler attached every method masks the same matrix set.
+    It is AutoModel's pooler, as the KD search and the exported `pruned_model/` have it
+    (pre-trained where the checkpoint holds one), partitioned like the rest under ZeRO-3.
+    The MLM loss does not use its output, so its weights and mask scores get no gradient:
+    a TAMT-MLM mask keeps its initial (magnitude) pooler mask, as TAMT-KD does.
+    """
+    from transformers import AutoModel
+
+    backbone, _ = backbone_of(model)
+    if getattr(backbone, "pooler", False) is not None:  # already has one, or the architecture has none
+        return
+    with zero3_init(ds_config):
+        donor = _from_pretrained(AutoModel, resolve_model_path(name_or_path), **kwargs)
+    if getattr(donor, "pooler", None) is not None:
+        backbone.pooler = donor.pooler
 
 
 def task_model_class(head: str):

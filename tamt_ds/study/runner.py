@@ -1,0 +1,422 @@
+"""Run a study: masks -> pre-training losses -> fine-tuning -> table and figures.
+
+    plan (what is left, from the files already there) -> print the stages' cost budget
+    -> masks:     one search per TAMT cell, one IMP run per mask seed       (subprocesses)
+    -> evaluate:  KD (and MLM) loss of every mask; OMP / random masks written as files
+    -> finetune:  one launchers/finetune.py per mask, every task x seed
+    -> report:    study.json, study.md, figures (also alone: --plot-only)
+
+Every cell writes its own result file, atomically, and the plan is recomputed from the
+files: a killed study continues where it stopped and never redoes a finished search,
+IMP level, evaluation or fine-tuning task (a killed search or IMP run resumes from its
+own last checkpoint / level).  Each job is a subprocess started with the configured
+launcher (python, torchrun or deepspeed), so its memory is gone when it ends; its output
+goes to OUTPUT/logs/<job>.log and the console shows one line per job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tamt_ds.study.config import DENSE, REPO_ROOT, TAMT_METHODS, MaskCell, StudyConfig, StudyError, mask_cells
+
+
+@dataclass
+class Job:
+    stage: str  # masks | evaluate | finetune
+    name: str
+    script: str  # a launcher, relative to the repository root
+    args: list[str]
+    cpu_s: float  # estimated CPU seconds (config's budget section)
+    cells: int  # result cells this job completes
+    outputs: list[str] = field(default_factory=list)  # what it writes (for the log line)
+
+
+# ------------------------------------------------------------------ where cells live
+
+
+def search_dir(cfg: StudyConfig, cell: MaskCell) -> str:
+    return os.path.join(cfg.out, "masks", cell.id)
+
+
+def imp_dir(cfg: StudyConfig, seed: int) -> str:
+    return os.path.join(cfg.out, "masks", f"imp_m{seed}")
+
+
+def mask_path(cfg: StudyConfig, cell: MaskCell) -> str | None:
+    """The cell's mask.pt (None for the dense model)."""
+    if cell.method == DENSE:
+        return None
+    if cell.method == "imp":
+        return os.path.join(imp_dir(cfg, cell.seed), f"{cell.sparsity:g}", "mask.pt")
+    return os.path.join(search_dir(cfg, cell), "mask.pt")  # TAMT: the search's; OMP / random: written by evaluate
+
+
+def eval_path(cfg: StudyConfig, cell: MaskCell) -> str:
+    return os.path.join(cfg.out, "eval", f"{cell.id}.json")
+
+
+def finetune_dir(cfg: StudyConfig, cell: MaskCell) -> str:
+    return os.path.join(cfg.out, "finetune", cell.id)
+
+
+def shared_data_dir(cfg: StudyConfig) -> str:
+    path = cfg.path(cfg.finetune.task_data_dir)
+    if not os.path.isdir(path):
+        raise StudyError(f"downstream data directory {path} not found: put the shared data (supersense_verb/, "
+                         f"wic_wn/, ...) at ../shared/data next to the repository, or set finetune.task_data_dir")
+    return path
+
+
+def task_ids(cfg: StudyConfig) -> dict[str, str]:
+    """Study task name -> the fine-tuning harness's task (a hub task name or local:DIR)."""
+    from tamt_ds.downstream.tasks import KNOWN_TASKS, LOCAL_PREFIX
+
+    out = {}
+    for name in cfg.finetune.tasks:
+        if name in KNOWN_TASKS:
+            out[name] = name
+        elif name.startswith(LOCAL_PREFIX):
+            out[name] = LOCAL_PREFIX + cfg.path(name[len(LOCAL_PREFIX):])
+        else:
+            directory = os.path.join(shared_data_dir(cfg), name)
+            if not os.path.isfile(os.path.join(directory, "train.tsv")):
+                raise StudyError(f"task {name!r}: {directory}/train.tsv not found: name a GLUE / SQuAD task, "
+                                 f"local:DIR, or a folder of {shared_data_dir(cfg)}")
+            out[name] = LOCAL_PREFIX + directory
+    return out
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def finetune_results(cfg: StudyConfig, cell: MaskCell) -> dict[str, dict | None]:
+    """Study task name -> the harness's results.json for this mask (None when absent)."""
+    found = {}
+    root = finetune_dir(cfg, cell)
+    if os.path.isdir(root):
+        for sub in sorted(os.listdir(root)):
+            r = read_json(os.path.join(root, sub, "results.json"))
+            if r is not None:
+                found[r["task"]] = r
+    return {name: found.get(harness) for name, harness in task_ids(cfg).items()}
+
+
+def task_complete(cfg: StudyConfig, result: dict | None) -> bool:
+    return bool(result) and result.get("complete") and result.get("seeds") == list(cfg.finetune.seeds)
+
+
+# ----------------------------------------------------------------------- planning
+
+
+def common_args(cfg: StudyConfig) -> list[str]:
+    args = ["--model_name_or_path", cfg.model_name_or_path]
+    return args + (["--deepspeed", cfg.path(cfg.deepspeed)] if cfg.deepspeed else [])
+
+
+def cli(options: dict) -> list[str]:
+    """{name: value} -> launcher arguments (lists repeat values; booleans are flags)."""
+    out = []
+    for key, value in options.items():
+        if isinstance(value, bool):
+            out += [f"--{key}", str(value)]
+        elif isinstance(value, (list, tuple)):
+            out += [f"--{key}", *map(str, value)]
+        elif value is not None:
+            out += [f"--{key}", str(value)]
+    return out
+
+
+def _eval_files(cfg: StudyConfig) -> dict:
+    opts = dict(cfg.evaluate)
+    if "eval_files" in opts:
+        opts["eval_files"] = [cfg.path(p) for p in opts["eval_files"]]
+    return opts
+
+
+def _finetune_steps(cfg: StudyConfig, task: str) -> int:
+    """Optimizer steps per seed, for the budget (from max_steps, or epochs over a local train file)."""
+    args = cfg.finetune.args
+    if args.get("max_steps"):
+        return int(args["max_steps"])
+    n = args.get("train_subset")
+    if n is None and task.startswith("local:"):
+        with open(os.path.join(task[len("local:"):], "train.tsv"), encoding="utf-8") as f:
+            n = sum(1 for _ in f) - 1
+    n = n or 10_000  # a hub task of unknown size: a guess, said in the plan
+    batch = int(args.get("per_device_train_batch_size", 32)) * cfg.nproc
+    return int(float(args.get("num_train_epochs", 3.0)) * -(-n // batch))
+
+
+def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
+    """The jobs still to run, in order, and counts of cells done / total."""
+    b = cfg.budget
+    cells = mask_cells(cfg)
+    jobs: list[Job] = []
+    counts = {"done": 0, "total": 0}
+
+    def count(done: bool, n: int = 1) -> bool:
+        counts["total"] += n
+        counts["done"] += n if done else 0
+        return done
+
+    # masks: TAMT searches, IMP runs (one per mask seed, all levels)
+    for cell in cells:
+        if cell.method in TAMT_METHODS and not count(os.path.isfile(mask_path(cfg, cell))):
+            objective = TAMT_METHODS[cell.method]
+            steps = int(cfg.search.get("max_steps", 120))
+            step_s = b.search_step_cpu_s if objective == "kd" else b.search_mlm_step_cpu_s
+            jobs.append(Job("masks", f"search {cell.id}", "launchers/search.py",
+                            common_args(cfg) + ["--objective", objective, "--sparsity", f"{cell.sparsity:g}",
+                                                "--seed", str(cell.seed), "--output_dir", search_dir(cfg, cell),
+                                                "--resume", "True"] + cli(cfg.search),
+                            b.process_start_cpu_s + steps * step_s, 1, [mask_path(cfg, cell)]))
+    if "imp" in cfg.methods:
+        levels = cfg.imp_levels
+        interval = int(cfg.imp.get("prune_interval", 20))
+        for seed in cfg.mask_seeds:
+            wanted = [MaskCell("imp", s, seed) for s in cfg.sparsities]
+            done = [os.path.isfile(mask_path(cfg, c)) for c in wanted]
+            for d in done:
+                count(d)
+            if not all(done):
+                left = sum(not os.path.isfile(os.path.join(imp_dir(cfg, seed), f"{lv:g}", "mask.pt")) for lv in levels)
+                jobs.append(Job("masks", f"imp m{seed} (levels {levels[0]:g}..{levels[-1]:g})", "launchers/imp.py",
+                                common_args(cfg) + ["--max_sparsity", f"{levels[-1]:g}", "--seed", str(seed),
+                                                    "--output_dir", imp_dir(cfg, seed), "--resume", "True"]
+                                + cli(cfg.imp),
+                                b.process_start_cpu_s + left * (interval * b.imp_step_cpu_s + b.imp_round_cpu_s),
+                                sum(not d for d in done), [os.path.dirname(mask_path(cfg, c)) for c in wanted]))
+
+    # evaluate: every mask's pre-training losses; OMP / random masks saved as files for fine-tuning.
+    # --mask_seed is one value per process: random masks of different seeds go to different jobs,
+    # the other masks ride with the first.
+    pending = []
+    for cell in cells:
+        file_missing = cell.method in ("omp", "random") and not os.path.isfile(mask_path(cfg, cell))
+        if not count(os.path.isfile(eval_path(cfg, cell)) and not file_missing):
+            pending.append(cell)
+    groups: dict[int, list[MaskCell]] = {}
+    for cell in pending:
+        if cell.method == "random":
+            groups.setdefault(cell.seed, []).append(cell)
+    if any(c.method != "random" for c in pending):
+        first = next(iter(groups), 0)
+        groups[first] = [c for c in pending if c.method != "random"] + groups.get(first, [])
+    for key, group in groups.items():
+        masks, outputs, saves = [], [], []
+        for cell in group:
+            if cell.method == DENSE:
+                masks.append("none")
+            elif cell.method in ("omp", "random"):
+                masks.append(f"{cell.method}:{cell.sparsity:g}")
+            else:
+                masks.append(mask_path(cfg, cell))
+            outputs.append(eval_path(cfg, cell))
+            saves.append(mask_path(cfg, cell) if cell.method in ("omp", "random") else "-")
+        jobs.append(Job("evaluate", f"evaluate {len(group)} mask(s)",
+                        "launchers/evaluate_mask.py",
+                        common_args(cfg) + ["--mask", *masks, "--output", *outputs, "--save_mask", *saves,
+                                            "--mask_seed", str(key)] + cli(_eval_files(cfg)),
+                        b.process_start_cpu_s + len(group) * b.eval_mask_cpu_s, len(group), outputs))
+
+    # finetune: one job per mask, its unfinished tasks x all seeds
+    tasks = task_ids(cfg)
+    per_task_s = {name: len(cfg.finetune.seeds) * (_finetune_steps(cfg, t) * b.finetune_step_cpu_s + b.finetune_run_cpu_s)
+                  for name, t in tasks.items()}
+    for cell in cells:
+        results = finetune_results(cfg, cell)
+        pending = [name for name, r in results.items() if not count(task_complete(cfg, r))]
+        if not pending:
+            continue
+        partial = any(results[name] is not None for name in pending)
+        mask = mask_path(cfg, cell)
+        jobs.append(Job("finetune", f"finetune {cell.id} on {', '.join(pending)}", "launchers/finetune.py",
+                        common_args(cfg) + ["--mask", mask or "none", "--tasks", ",".join(tasks[n] for n in pending),
+                                            "--seeds", ",".join(map(str, cfg.finetune.seeds)),
+                                            "--output_dir", finetune_dir(cfg, cell)]
+                        + (["--overwrite_output_dir", "True"] if partial else []) + cli(cfg.finetune.args),
+                        b.process_start_cpu_s + sum(per_task_s[n] for n in pending), len(pending),
+                        [finetune_dir(cfg, cell)]))
+    return jobs, counts
+
+
+def stage_minutes(cfg: StudyConfig, jobs: list[Job]) -> float:
+    """Estimated wall minutes of a stage's jobs on the reference machine."""
+    b = cfg.budget
+    cores = min(cfg.parallel_jobs, len(jobs), b.cores) if cfg.parallel_jobs > 1 else b.single_job_cores
+    return sum(j.cpu_s for j in jobs) / max(cores, 1.0) / 60
+
+
+def print_budget(cfg: StudyConfig, jobs: list[Job], counts: dict) -> None:
+    b = cfg.budget
+    print(f"study {cfg.name!r} ({cfg.source}) -> {cfg.out}", flush=True)
+    print(f"{counts['done']} of {counts['total']} cells done; {len(jobs)} job(s) to run", flush=True)
+    print(f"estimated time on the reference machine ({b.cores} CPU cores, nothing else running; "
+          f"{cfg.parallel_jobs} job(s) at a time; the budget section of the config):")
+    print(f"  {'stage':<10}{'jobs':>6}{'cells':>7}{'CPU min':>9}{'minutes':>9}")
+    total = 0.0
+    for stage in ("masks", "evaluate", "finetune"):
+        mine = [j for j in jobs if j.stage == stage]
+        minutes = stage_minutes(cfg, mine) if mine else 0.0
+        total += minutes
+        print(f"  {stage:<10}{len(mine):>6}{sum(j.cells for j in mine):>7}{sum(j.cpu_s for j in mine) / 60:>9.1f}"
+              f"{minutes:>9.1f}")
+    print(f"  {'total':<32}{total:>9.1f}   (budget {b.minutes:g} min)", flush=True)
+    if total > b.minutes:
+        print(f"  note: the plan exceeds the budget by {total - b.minutes:.1f} min", flush=True)
+
+
+# ------------------------------------------------------------------------ running
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(cfg: StudyConfig, job: Job) -> list[str]:
+    script = str(REPO_ROOT / job.script)
+    if cfg.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.nproc),
+                "--master_port", str(_free_port()), script, *job.args]
+    if cfg.launcher == "deepspeed":
+        deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        return [deepspeed, "--num_accelerators", str(cfg.nproc), "--num_nodes", "1", "--master_port",
+                str(_free_port()), script, *job.args]
+    return [sys.executable, script, *job.args]
+
+
+def _prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl() if sys.platform == "linux" else None  # bound here: the child only calls it
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    """A killed study takes its running jobs down with it (Linux), so a rerun never races an orphan."""
+    _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_job(cfg: StudyConfig, job: Job, log_path: str) -> tuple[float, float]:
+    """Run one job; (wall seconds, CPU seconds of its processes: a measure of its cost that
+    other jobs on a shared machine do not inflate, used to calibrate the budget)."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    threads = (cfg.budget.cores or os.cpu_count() or 1) // max(cfg.nproc * cfg.parallel_jobs, 1)
+    if cfg.nproc > 1 or cfg.parallel_jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
+    cmd = command(cfg, job)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent if _PRCTL is not None else None)
+        _, status, usage = os.wait4(proc.pid, 0)  # this job's own CPU time, even with jobs side by side
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = f.read().splitlines()[-40:]
+        errors = [l for l in tail if l.startswith("error:")]
+        print("\n".join(tail[-15:]), file=sys.stderr, flush=True)
+        reason = errors[-1] if errors else f"exit code {proc.returncode}"
+        raise StudyError(f"{job.name} failed ({reason}); its log: {log_path}; fix it and rerun the study "
+                         f"(finished cells are kept)")
+    return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
+
+
+def log_name(job: Job) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in job.name)[:120] + ".log"
+
+
+_TIMINGS_LOCK = threading.Lock()
+
+
+def record_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: float) -> None:
+    with _TIMINGS_LOCK:  # jobs of a stage may finish side by side
+        _append_timing(cfg, job, seconds, cpu_seconds)
+
+
+def _append_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: float) -> None:
+    from tamt_ds.checkpoint import atomic_write_text
+
+    path = os.path.join(cfg.out, "timings.json")
+    rows = read_json(path) or []
+    rows.append({"stage": job.stage, "job": job.name, "cells": job.cells, "seconds": round(seconds, 1),
+                 "cpu_seconds": round(cpu_seconds, 1),
+                 "estimated_cpu_seconds": round(job.cpu_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
+
+
+def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
+    """Stage after stage; within a stage, up to `parallel_jobs` jobs side by side.  One line
+    when a job starts (which, how many left, the plan's estimate) and when it ends."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    t_start, started = time.perf_counter(), [0]
+
+    def one(job: Job) -> None:
+        started[0] += 1
+        left = len(jobs) - started[0]
+        print(f"[{started[0]}/{len(jobs)}] {job.stage}: {job.name} (est. {job.cpu_s / 60:.1f} CPU-min; "
+              f"{left} job(s) after it)", flush=True)
+        seconds, cpu = run_job(cfg, job, os.path.join(cfg.out, "logs", log_name(job)))
+        record_timing(cfg, job, seconds, cpu)
+        print(f"      {job.name}: done in {seconds / 60:.1f} min, {cpu / 60:.1f} CPU-min "
+              f"({(time.perf_counter() - t_start) / 60:.1f} min so far)", flush=True)
+
+    for stage in ("masks", "evaluate", "finetune"):
+        mine = [j for j in jobs if j.stage == stage]
+        if not mine:
+            continue
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=cfg.parallel_jobs) as pool:
+            futures = [pool.submit(one, job) for job in mine]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                for f in futures:
+                    f.cancel()
+                raise failed[0].exception()
+        record_timing(cfg, Job(stage, "(stage)", "", [], sum(j.cpu_s for j in mine), sum(j.cells for j in mine)),
+                      time.perf_counter() - t0, 0.0)
+
+
+def run_study(cfg: StudyConfig, *, plot_only: bool = False, dry_run: bool = False) -> dict:
+    from tamt_ds.study.report import write_report
+
+    os.makedirs(cfg.out, exist_ok=True)
+    if not plot_only:
+        jobs, counts = plan(cfg)
+        print_budget(cfg, jobs, counts)
+        if dry_run:
+            for job in jobs:
+                print(f"  {job.stage}: {job.name} ({job.cpu_s / 60:.1f} CPU-min)")
+            return {}
+        run_stages(cfg, jobs)
+        jobs, counts = plan(cfg)  # everything should be done now
+        if jobs:
+            raise StudyError(f"{len(jobs)} job(s) still pending after running them, e.g. {jobs[0].name}: "
+                             f"see {cfg.out}/logs")
+    return write_report(cfg)

@@ -1,0 +1,221 @@
+"""launchers/study.py end to end on a tiny model and tiny local tasks: every stage as a real
+subprocess, a hard kill and a resume that redoes nothing finished, study.json rows, the
+correlations against the table, the figures; the config's one-line errors; and the rule that
+no dev or test input of the embedded study's tasks is in the shipped upstream text."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+LAUNCHER = ROOT / "launchers" / "study.py"
+SHARED = ROOT.parent / "shared" / "data"
+if not SHARED.is_dir():  # CI lays shared/ beside the clone; sessions have /work/shared
+    SHARED = Path("/work/shared/data")
+SAMPLE = ROOT / "tamt_ds" / "data" / "sample"
+
+
+def write_task(root: Path, name: str, pair: bool, n_train: int = 40, n_dev: int = 16) -> None:
+    words = ["run", "walk", "think", "see", "move", "grow", "speak", "write", "hold", "turn"]
+    root = root / name
+    root.mkdir(parents=True)
+    for split, n in (("train", n_train), ("validation", n_dev), ("test", n_dev)):
+        with open(root / f"{split}.tsv", "w") as f:
+            f.write("sentence1\tsentence2\tlabel\n" if pair else "sentence\tlabel\n")
+            for i in range(n):
+                a, b = words[i % 10], words[(i * 3 + len(split)) % 10]
+                text = f"to {a} or {b} in the {split} {i}"
+                f.write(f"{text}\t{b} {a} again\t{i % 2}\n" if pair else f"{text}\tverb.{'ab'[i % 2]}\n")
+
+
+def tiny_config(tmp: Path, model: str) -> Path:
+    data = tmp / "tasks"
+    write_task(data, "single", pair=False)
+    write_task(data, "pairs", pair=True)
+    cfg = {
+        "name": "tiny", "output_dir": str(tmp / "study"), "model_name_or_path": model,
+        "deepspeed": "ds_configs/zero3_cpu.json",
+        "methods": ["tamt-kd", "imp", "omp", "random"], "sparsities": [0.2, 0.4], "mask_seeds": [1],
+        "search": {"max_steps": 4, "per_device_train_batch_size": 4, "max_seq_length": 32, "validation_blocks": 4,
+                   "save_steps": 2, "eval_steps": 4, "logging_steps": 2, "threshold_reset_steps": 2,
+                   "learning_rate": 5e-3},
+        "imp": {"prune_interval": 2, "per_device_train_batch_size": 4, "max_seq_length": 32, "validation_blocks": 4,
+                "learning_rate": 1e-3},
+        "evaluate": {"eval_blocks": 8, "max_seq_length": 32, "per_device_eval_batch_size": 4},
+        "finetune": {"tasks": ["single", "pairs"], "task_data_dir": str(data), "seeds": [1, 2],
+                     "args": {"max_steps": 3, "max_seq_length": 32, "per_device_train_batch_size": 8,
+                              "eval_steps": 0, "learning_rate": 1e-3}},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_study(config: Path, *extra, timeout: int = 2400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(LAUNCHER), "--config", str(config), *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def study(tiny_bert, tmp_path_factory):
+    """A study killed (SIGKILL) once its first fine-tuning result exists, then run again."""
+    tmp = tmp_path_factory.mktemp("study")
+    config = tiny_config(tmp, tiny_bert)
+    out = tmp / "study"
+    proc = subprocess.Popen([sys.executable, str(LAUNCHER), "--config", str(config)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 1500
+    first = None
+    while time.time() < deadline and proc.poll() is None:
+        found = sorted((out / "finetune").glob("*/*/results.json")) if (out / "finetune").is_dir() else []
+        done = [p for p in found if json.loads(p.read_text() or "{}").get("complete")]
+        if done:
+            first = done[0]
+            os.killpg(proc.pid, signal.SIGKILL)  # the runner and its running job, mid-study
+            break
+        time.sleep(0.2)
+    killed_output = proc.communicate()[0]
+    assert first is not None, f"no fine-tuning result appeared ({proc.returncode}):\n{killed_output[-4000:]}"
+    stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("masks/**/mask.pt"), *out.glob("eval/*.json"), first]}
+    resumed = run_study(config)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    return {"out": out, "config": config, "stamps": stamps, "first": first, "killed": killed_output,
+            "resumed": resumed.stdout}
+
+
+def test_resume_redoes_nothing_finished(study):
+    out, log = study["out"], study["resumed"]
+    assert "[1/" in study["killed"] and "finetune" in study["killed"]  # progress: which job, how many
+    for path, stamp in study["stamps"].items():
+        assert path.stat().st_mtime_ns == stamp, f"{path} was rewritten"
+    jobs = [l for l in log.splitlines() if l.startswith("[")]  # "[i/n] stage: job (est. ...)"
+    assert jobs and all(" finetune: " in l for l in jobs), jobs  # masks and evaluations were all done
+    task_dir = study["first"].parent.name
+    cell = study["first"].parent.parent.name
+    assert not any(f"finetune {cell} on" in l and task_dir.removeprefix("local-") in l.split(" on ")[1]
+                   for l in log.splitlines() if l.startswith("[")), "a finished fine-tuning task ran again"
+
+
+def test_masks_levels_and_rows(study):
+    import torch
+
+    out = study["out"]
+    for s in ("0.2", "0.4"):  # every method's mask at every sparsity, same matrix set, exact sparsity
+        masks = [torch.load(p, weights_only=True) for p in
+                 (out / f"masks/tamt-kd_s{s}_m1/mask.pt", out / f"masks/imp_m1/{s}/mask.pt",
+                  out / f"masks/omp_s{s}/mask.pt", out / f"masks/random_s{s}_m1/mask.pt")]
+        assert all(m.keys() == masks[0].keys() for m in masks) and len(masks[0]) == 14
+        for m in masks:
+            assert all(int((~v).sum()) == int(v.numel() * float(s)) for v in m.values())
+    rows = json.loads((out / "study.json").read_text())
+    assert isinstance(rows, list)
+    for r in rows:
+        assert {"method", "sparsity", "task", "metric", "mean", "std", "kd_loss"} <= r.keys()
+    cells = {(r["method"], r["sparsity"], r["task"], r["split"]) for r in rows}
+    for method in ("tamt-kd", "imp", "omp", "random"):
+        for s in (0.2, 0.4):
+            for task in ("single", "pairs", "average"):
+                for split in ("dev", "test"):
+                    assert (method, s, task, split) in cells
+    assert ("dense", 0.0, "average", "test") in cells
+    for r in rows:
+        assert r["n"] == 2 and len(r["values"]) == 2  # 2 fine-tuning seeds x 1 mask seed
+        assert r["kd_loss"] is not None and (r["kd_loss"] > 0 or r["method"] == "dense")
+        # the row's numbers are the fine-tuning harness's own
+        if r["task"] != "average":
+            cell = "dense" if r["method"] == "dense" else \
+                f"{r['method']}_s{r['sparsity']:g}" + ("" if r["method"] == "omp" else "_m1")
+            res = json.loads((out / "finetune" / cell / f"local-{r['task']}" / "results.json").read_text())
+            assert res["best"][r["metric"]]["values"] == r["values"]
+            ev = json.loads((out / "eval" / f"{cell}.json").read_text())
+            assert ev["kd_loss"] == r["kd_loss"]
+    assert (out / "study.md").read_text().count("| tamt-kd |") == 2
+
+
+def test_correlations_match_the_table(study):
+    from scipy.stats import spearmanr
+
+    out = study["out"]
+    rows = json.loads((out / "study.json").read_text())
+    corr = json.loads((out / "correlations.json").read_text())
+    for s in (0.2, 0.4):
+        pts = [(r["kd_loss"], r["mean"]) for r in rows
+               if r["task"] == "average" and r["split"] == "test" and r["sparsity"] == s and r["method"] != "dense"]
+        c = next(c for c in corr if c["loss"] == "kd_loss" and c["sparsity"] == s)
+        assert c["n"] == len(pts) == 4
+        rho = spearmanr(*zip(*pts)).statistic
+        assert (c["rho"] is None and rho != rho) or c["rho"] == pytest.approx(rho)
+        if c["low"] is not None:
+            assert -1 <= c["low"] <= c["high"] <= 1
+    assert not any(c["loss"] == "mlm_loss" for c in corr)  # tiny_bert has no pre-trained MLM head
+
+
+def test_figures_written_and_plot_only(study):
+    import matplotlib.image as mpimg
+
+    out = study["out"]
+    names = ["fig_downstream_vs_sparsity.png", "fig_downstream_vs_kd_loss.png", "fig_mask_overlap_s0.2.png",
+             "fig_mask_overlap_s0.4.png", "fig_sparsity_profile.png"]
+    for name in names:
+        image = mpimg.imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 300, name
+    assert not (out / "fig_downstream_vs_mlm_loss.png").exists()
+    for name in names:
+        (out / name).unlink()
+    proc = run_study(study["config"], "--plot-only", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all((out / n).exists() for n in names) and "job(s) to run" not in proc.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ["tamt-kd", "magic"]}, "unknown method(s) ['magic']"),
+    ({"sparsities": [0.25]}, "multiples of prune_fraction"),
+    ({"search": {"sparsity": 0.3}}, "set by the study"),
+    ({"finetune": {"tasks": ["nosuchtask"], "task_data_dir": "/nonexistent"}}, "not found"),
+    ({"launcher": "slurm"}, "launcher must be"),
+])
+def test_bad_config_one_line(tmp_path, change, message):
+    cfg = {"methods": ["tamt-kd", "imp"], "sparsities": [0.5], "output_dir": str(tmp_path / "o"), **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_study(path, "--dry-run", timeout=300)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+def test_no_dev_or_test_input_of_the_tasks_in_the_upstream_sample():
+    """The embedded study's upstream text (the shipped sample) holds train inputs of supersense_verb
+    and wic_wn (without labels), and none of their dev or test inputs."""
+    sample = set()
+    for f in SAMPLE.glob("*.txt"):
+        sample |= {line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()}
+    columns = {"supersense_verb": ["sentence"], "wic_wn": ["sentence1", "sentence2"]}
+    for task, cols in columns.items():
+        for split in ("validation", "test"):
+            with open(SHARED / task / f"{split}.tsv", encoding="utf-8") as f:
+                inputs = {row[c].strip() for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                          for c in cols}
+            leaked = inputs & sample
+            assert not leaked, f"{task}/{split}: {len(leaked)} inputs in the sample, e.g. {sorted(leaked)[:3]}"
+        with open(SHARED / task / "train.tsv", encoding="utf-8") as f:
+            train = {row[c].strip() for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) for c in cols}
+        assert len(train & sample) > 0.5 * len(train)  # the check can fail: train inputs are there
+
+
+def test_spearman_interval():
+    from tamt_ds.study.report import spearman_with_interval
+
+    up = spearman_with_interval([1, 2, 3, 4, 5], [10, 20, 30, 40, 50])
+    assert up["rho"] == pytest.approx(1.0) and up["low"] == pytest.approx(1.0) and up["n"] == 5
+    mixed = spearman_with_interval([1, 2, 3, 4, 5, 6], [3, 1, 4, 1, 5, 9])
+    assert -1 <= mixed["low"] < mixed["high"] <= 1 and -1 <= mixed["rho"] <= 1
+    assert spearman_with_interval([1, 2], [2, 1])["rho"] is None  # too few points
