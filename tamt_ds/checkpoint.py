@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from tamt_ds import sharding
+from tamt_ds.errors import InputError
 
 FORMAT_VERSION = 1
 COMPLETE = "complete.json"
@@ -50,7 +51,7 @@ _TAG = re.compile(r"^step(\d+)$")
 _MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     pass
 
 

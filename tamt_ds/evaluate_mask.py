@@ -30,6 +30,7 @@ from tamt_ds.maskfile import masks_for_model, read_mask_file, save_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, MaskSet, attach_masks
 from tamt_ds.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_path
 from tamt_ds.objectives import kd_loss, mlm_accuracy, teacher_hidden_states
+from tamt_ds.errors import InputError
 
 
 @dataclass
@@ -60,7 +61,7 @@ class EvaluateMaskArguments:
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
-class EvaluateMaskError(ValueError):
+class EvaluateMaskError(InputError):
     pass
 
 

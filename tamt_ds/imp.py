@@ -51,6 +51,7 @@ from tamt_ds.models import DEFAULT_MODEL, export_name, load_model, load_tokenize
 from tamt_ds.monitor import Monitor, memory_mb
 from tamt_ds.objectives import compute_loss, mlm_accuracy
 from tamt_ds.thresholds import Cut, bottom_k_cuts
+from tamt_ds.errors import InputError
 
 
 @dataclass
@@ -76,7 +77,7 @@ class IMPArguments:
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
-class IMPError(ValueError):
+class IMPError(InputError):
     pass
 
 

@@ -192,6 +192,7 @@ class MaskSet:
     def __init__(self, sites: list[MaskSite], sparsity: float, scope: str = "per_matrix"):
         check_settings(sparsity, scope)
         self.sites, self.sparsity, self.scope = sites, sparsity, scope
+        self.fixed_k: list[int] | None = None  # per-matrix counts of a given mask (fix_counts)
         self.init_args: dict = {}  # how init_scores made the initial mask, to remake it on resume
 
     def __iter__(self):
@@ -208,7 +209,15 @@ class MaskSet:
         return sharding.shards_are_disjoint(self.scores)
 
     def _per_matrix_k(self) -> list[int]:
+        if self.fixed_k is not None:
+            return list(self.fixed_k)
         return [int(sharding.full_numel(s.score) * self.sparsity) for s in self.sites]
+
+    def fix_counts(self, mask_file: dict[str, torch.Tensor]) -> None:
+        """Prune exactly the given mask's number of entries in each matrix (not int(numel * s)),
+        so that init_scores("file") and every later per-matrix cut reproduce that mask exactly."""
+        self.fixed_k = [int((~mask_file[s.name].bool()).sum()) for s in self.sites]
+        self.sparsity = sum(self.fixed_k) / sum(mask_file[s.name].numel() for s in self.sites)
 
     # ---- thresholds -------------------------------------------------------------
     def reset_thresholds(self) -> None:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,18 @@ def tiny_roberta_mlm(tmp_path_factory):
     from tests.tiny_models import make_tiny
 
     return make_tiny(str(tmp_path_factory.mktemp("tiny_roberta")), "roberta", mlm_head=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and everything under it: torchrun starts each rank in a session of
+    its own, so killing the launcher's process group would leave the ranks running."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree[1:], timeout=30)

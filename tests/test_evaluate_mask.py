@@ -22,12 +22,17 @@ def common(model, *extra):
 
 
 def omp_mask(state: dict, sparsity: float) -> dict:
-    """Plain one-shot magnitude pruning per matrix, ties lowest index first."""
+    """Plain one-shot magnitude pruning per matrix, ties in the project's tie-key order (the
+    zero padding row of the word embeddings ties)."""
+    from tamt_ds.thresholds import tie_keys
+
     out = {}
     for key, w in state.items():
         if key.endswith(".weight") and w.dim() == 2 and any(m + ".weight" in key for m in MASKED):
+            by_key = torch.sort(tie_keys(torch.arange(w.numel()))).indices
+            order = by_key[torch.sort(w.abs().flatten()[by_key], stable=True).indices]  # by |W|, ties by key
             keep = torch.ones(w.numel(), dtype=torch.bool)
-            keep[w.abs().flatten().argsort(stable=True)[: int(w.numel() * sparsity)]] = False
+            keep[order[: int(w.numel() * sparsity)]] = False
             out[key] = keep.view_as(w)
     return out
 

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, _free_port, torchrun
+from tests.conftest import ROOT, _free_port, kill_tree, torchrun
 from tests.tiny_bert_mlm import make_tiny_bert_mlm
 
 LAUNCHER = ROOT / "launchers" / "imp.py"
@@ -170,10 +169,10 @@ def _kill_after(cmd, marker, timeout=500):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if marker.exists():
-            os.killpg(proc.pid, signal.SIGKILL)  # a hard kill, mid-run
-            proc.wait()
+            kill_tree(proc)  # a hard kill of the launcher and its ranks, mid-run
             return
         time.sleep(0.05)
+    kill_tree(proc)
     raise AssertionError(f"run ended ({proc.returncode}) before {marker} appeared")
 
 

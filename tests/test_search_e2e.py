@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, _free_port, torchrun
+from tests.conftest import ROOT, _free_port, kill_tree, torchrun
 
 LAUNCHER = ROOT / "launchers" / "search.py"
 RESUME_WORKER = ROOT / "tests" / "workers" / "resume_worker.py"
@@ -96,31 +95,16 @@ def test_one_log_stream_with_the_promised_scalars(deepspeed_run):
     assert "threshold/pooler.dense" in tags
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a launcher and everything under it: torchrun starts each rank in a session of
-    its own, so killing the launcher's process group would leave the ranks running."""
-    import psutil
-
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-    psutil.wait_procs(tree[1:], timeout=30)
-
-
 def _kill_after_first_checkpoint(cmd, ckpt: Path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.time() + 500
     while time.time() < deadline and proc.poll() is None:
         if (ckpt / "latest").exists():
-            _kill_tree(proc)  # a hard kill of the whole job, mid-run
+            kill_tree(proc)  # a hard kill of the whole job, mid-run
             return (ckpt / "latest").read_text().strip()
         time.sleep(0.05)
-    _kill_tree(proc)
+    kill_tree(proc)
     raise AssertionError(f"run ended ({proc.returncode}) before a checkpoint appeared")
 
 

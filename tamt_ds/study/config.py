@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tamt_ds.errors import InputError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TAMT_METHODS = {"tamt-kd": "kd", "tamt-mlm": "mlm", "tamt-mlm_kd": "mlm_kd"}  # method -> search objective
 METHODS = (*TAMT_METHODS, "imp", "omp", "random")
 DENSE = "dense"
 
 
-class StudyError(ValueError):
+class StudyError(InputError):
     pass
 
 

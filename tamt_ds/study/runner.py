@@ -291,12 +291,12 @@ def _free_port() -> int:
 
 def command(cfg: StudyConfig, job: Job) -> list[str]:
     script = str(REPO_ROOT / job.script)
+    bin_dir = os.path.dirname(sys.executable)  # the launchers' console scripts, in this interpreter's environment
     if cfg.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.nproc),
+        return [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(cfg.nproc),
                 "--master_port", str(_free_port()), script, *job.args]
     if cfg.launcher == "deepspeed":
-        deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        return [deepspeed, "--num_accelerators", str(cfg.nproc), "--num_nodes", "1", "--master_port",
+        return [os.path.join(bin_dir, "deepspeed"), "--num_accelerators", str(cfg.nproc), "--num_nodes", "1", "--master_port",
                 str(_free_port()), script, *job.args]
     return [sys.executable, script, *job.args]
 
