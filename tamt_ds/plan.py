@@ -226,7 +226,8 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
     b, n = zero.dtype_bytes, inp.world_size
     search = inp.trainable == "scores"
     with_head = inp.trainable == "all" or "mlm" in inp.objective
-    tensors = parameter_tensors(shape, pooler=not with_head, mlm_head=with_head)  # as models.load_model builds
+    # as models.load_model builds: an MLM model carries the backbone's pooler too (attach_backbone_pooler)
+    tensors = parameter_tensors(shape, pooler=True, mlm_head=with_head)
     masked = masked_tensors(tensors) if search else {}
     p_all = sum(tensors.values())
     p_scores = sum(masked.values())

@@ -12,6 +12,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each test (its fixtures included) gets back the environment it started with.
+
+    A launcher's main() run in this process sets RANK / WORLD_SIZE / MASTER_PORT for its
+    one-process group; left behind, every later subprocess would inherit them, and an
+    mpirun job whose ranks all read RANK=0 tries to open the same store port twice."""
+    saved = dict(os.environ)
+    try:
+        return (yield)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def torchrun(script, *args, nproc: int = 2, timeout: int = 600, check: bool = True, env=None) -> subprocess.CompletedProcess:
     """A real multi-process run: `torchrun --nproc_per_node N script args` (gloo on CPU)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",

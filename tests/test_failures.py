@@ -163,7 +163,8 @@ def diverged_search(tiny_roberta_mlm, tmp_path_factory):
     """MLM with an absurd learning rate: the head's LayerNorm overflows after one step."""
     out = tmp_path_factory.mktemp("nan") / "run"
     args = search_args(tiny_roberta_mlm, out, "--objective", "mlm", "--learning_rate", "1e20", "--warmup_steps", "4",
-                       "--max_steps", "10", "--save_steps", "1", "--logging_steps", "100")
+                       "--max_steps", "10", "--save_steps", "1", "--logging_steps", "100",
+                       "--save_total_limit", "0")
     proc = torchrun(SEARCH, *args, check=False, env=env())
     return out, proc
 
@@ -180,8 +181,8 @@ def test_non_finite_loss_stops_the_search_naming_the_step(diverged_search):
     assert (ckpt / "latest").read_text().strip() == f"step{step - 1}"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == [f"step{s}" for s in range(1, step)]
     assert not (out / "mask.pt").exists() and not (out / "pruned_model").exists()
-    state = torch.load(ckpt / f"step{step - 1}" / "tamt_state_rank1.pt", weights_only=False)
-    assert state["step"] == step - 1
+    state = torch.load(ckpt / f"step{step - 1}" / "rank1.pt", weights_only=False)
+    assert state["step"] == step - 1 and state["rank"] == 1
 
 
 def test_non_finite_loss_stops_finetuning_at_the_step_it_happened(tiny_bert, tmp_path):
