@@ -18,11 +18,17 @@ def pytest_runtest_protocol(item, nextitem):
 
     A launcher's main() run in this process sets RANK / WORLD_SIZE / MASTER_PORT for its
     one-process group; left behind, every later subprocess would inherit them, and an
-    mpirun job whose ranks all read RANK=0 tries to open the same store port twice."""
-    saved = dict(os.environ)
+    mpirun job whose ranks all read RANK=0 tries to open the same store port twice.  The
+    group goes with them (DeepSpeed reads LOCAL_RANK from the environment at every model
+    load, so a group without its variables breaks the next in-process main())."""
+    from tamt_ds import engine, sharding
+
+    saved, had_group = dict(os.environ), sharding.initialized()
     try:
         return (yield)
     finally:
+        if sharding.initialized() and not had_group:
+            engine.shutdown()
         os.environ.clear()
         os.environ.update(saved)
 

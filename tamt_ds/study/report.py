@@ -91,7 +91,7 @@ def spearman_with_interval(x: list[float], y: list[float], *, resamples: int = 2
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
     out = {"n": n, "rho": None, "low": None, "high": None, "resamples_used": 0}
-    if n < 3:
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:  # too few points, or a constant variable: no rho
         return out
     out["rho"] = float(spearmanr(x, y).statistic)
     rng = np.random.default_rng(seed)
