@@ -17,20 +17,20 @@ def pytest_runtest_protocol(item, nextitem):
     """Each test (its fixtures included) gets back the environment it started with.
 
     A launcher's main() run in this process sets RANK / WORLD_SIZE / MASTER_PORT for its
-    one-process group; left behind, every later subprocess would inherit them, and an
-    mpirun job whose ranks all read RANK=0 tries to open the same store port twice.  The
-    group goes with them (DeepSpeed reads LOCAL_RANK from the environment at every model
-    load, so a group without its variables breaks the next in-process main())."""
-    from tamt_ds import engine, sharding
-
-    saved, had_group = dict(os.environ), sharding.initialized()
+    one-process group; left behind, every later subprocess would inherit them (an mpirun
+    job whose ranks both read RANK=0, a plain launcher that tries to reopen this process's
+    store port).  The group itself stays (DeepSpeed caches it; it cannot be formed twice
+    in one process), and so does LOCAL_RANK, which DeepSpeed reads at every model load;
+    every launcher sets its own, and a plain process is local rank 0 anyway."""
+    saved = dict(os.environ)
     try:
         return (yield)
     finally:
-        if sharding.initialized() and not had_group:
-            engine.shutdown()
+        local_rank = os.environ.get("LOCAL_RANK")
         os.environ.clear()
         os.environ.update(saved)
+        if local_rank is not None:
+            os.environ["LOCAL_RANK"] = local_rank
 
 
 def torchrun(script, *args, nproc: int = 2, timeout: int = 600, check: bool = True, env=None) -> subprocess.CompletedProcess:
