@@ -27,7 +27,7 @@ import torch
 from tamt_ds import checkpoint, engine as eng, sharding
 from tamt_ds.data.corpus import CorpusArguments, build_validation_batches, default_validation_files
 from tamt_ds.maskfile import masks_for_model, read_mask_file, save_mask_file
-from tamt_ds.masking import TAMT_PATTERNS, MaskSet, attach_masks
+from tamt_ds.masking import TAMT_PATTERNS, MaskSet, attach_masks, parse_baseline
 from tamt_ds.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_path
 from tamt_ds.objectives import kd_loss, mlm_accuracy, teacher_hidden_states
 from tamt_ds.errors import InputError
@@ -76,15 +76,9 @@ class MaskChoice:
 def parse_mask(text: str) -> MaskChoice:
     if text.lower() in ("none", "dense"):
         return MaskChoice(text, "dense")
-    kind, _, value = text.partition(":")
-    if kind in ("omp", "random") and value:
-        try:
-            s = float(value)
-        except ValueError:
-            s = -1.0
-        if not 0.0 <= s < 1.0:
-            raise EvaluateMaskError(f"--mask {text}: the sparsity must be a number in [0, 1), e.g. {kind}:0.7")
-        return MaskChoice(text, kind, s)
+    baseline = parse_baseline(text)
+    if baseline is not None:
+        return MaskChoice(text, *baseline)
     if not os.path.isfile(text):
         raise EvaluateMaskError(f"--mask {text!r}: no such file; pass a mask.pt, omp:S, random:S or none")
     return MaskChoice(text, "file", path=text)

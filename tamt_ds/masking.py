@@ -145,6 +145,21 @@ class MaskError(InputError):
     pass
 
 
+def parse_baseline(text: str) -> tuple[str, float] | None:
+    """`omp:S` / `random:S` -> (kind, S), the baselines every launcher builds on the fly;
+    None for anything else (a mask file, `none`)."""
+    kind, _, value = text.partition(":")
+    if kind not in ("omp", "random") or not value:
+        return None
+    try:
+        s = float(value)
+    except ValueError:
+        s = -1.0
+    if not 0.0 <= s < 1.0:
+        raise MaskError(f"--mask {text}: the sparsity must be a number in [0, 1), e.g. --mask {kind}:0.7")
+    return kind, s
+
+
 def check_settings(sparsity: float, scope: str) -> None:
     if not 0.0 <= sparsity < 1.0:
         raise MaskError(f"--sparsity must be in [0, 1), got {sparsity}: pass e.g. --sparsity 0.7")

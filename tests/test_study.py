@@ -42,7 +42,7 @@ def tiny_config(tmp: Path, model: str) -> Path:
     write_task(data, "pairs", pair=True)
     cfg = {
         "name": "tiny", "output_dir": str(tmp / "study"), "model_name_or_path": model,
-        "deepspeed": "ds_configs/zero3_cpu.json",
+        "deepspeed": "ds_configs/zero3_cpu.json", "parallel_jobs": 2,
         "methods": ["tamt-kd", "imp", "omp", "random"], "sparsities": [0.2, 0.4], "mask_seeds": [1],
         "search": {"max_steps": 4, "per_device_train_batch_size": 4, "max_seq_length": 32, "validation_blocks": 4,
                    "save_steps": 2, "eval_steps": 4, "logging_steps": 2, "threshold_reset_steps": 2,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from tamt_ds import engine as eng
 from tamt_ds.downstream.tasks import KNOWN_TASKS, LOCAL_PREFIX, TaskError
 from tamt_ds.errors import InputError
+from tamt_ds.masking import parse_baseline
 from tamt_ds.models import DEFAULT_MODEL
 
 
@@ -69,15 +70,9 @@ class MaskSpec:
 def parse_mask(text: str | None) -> MaskSpec:
     if text is None or text.lower() in ("", "none", "dense"):
         return MaskSpec("dense", 0.0)
-    kind, _, value = text.partition(":")
-    if kind in ("omp", "random") and value:
-        try:
-            s = float(value)
-        except ValueError:
-            s = -1.0
-        if not 0.0 <= s < 1.0:
-            raise FinetuneError(f"--mask {text}: the sparsity must be a number in [0, 1), e.g. --mask {kind}:0.7")
-        return MaskSpec(kind, s)
+    baseline = parse_baseline(text)
+    if baseline is not None:
+        return MaskSpec(*baseline)
     if not os.path.isfile(text):
         raise FinetuneError(f"--mask {text!r}: no such file; pass a search's mask.pt, omp:S, random:S or none")
     return MaskSpec("file", path=text)
