@@ -32,14 +32,19 @@ def _backbone_kwargs(batch):
 
 @torch.no_grad()
 def teacher_hidden_states(model, masks: MaskSet, batch):
-    """Hidden states of the dense pre-trained model: masks off, eval mode (no dropout)."""
-    was_training = model.training
-    model.eval()
+    """Hidden states of the dense pre-trained model: masks off, eval mode (no dropout).
+
+    The mode is read from and restored to the wrapped module: a DeepSpeed engine's train()
+    and eval() set only its module's flag, so the engine's own `training` stays True and
+    restoring from it would switch dropout back on for an evaluation's student forward."""
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
     try:
         with masks_disabled(masks):
             out = model(**_backbone_kwargs(batch), output_hidden_states=True)
     finally:
-        model.train(was_training)
+        module.train(was_training)
     return out.hidden_states
 
 
