@@ -306,6 +306,7 @@ def run_round(args: IMPArguments, ds_config: dict, r: int, level: float, mask_fi
                                          lr=args.learning_rate, weight_decay=args.weight_decay,
                                          total_steps=args.prune_interval, warmup_steps=args.warmup_steps)
     device = engine.device
+    engine.train()  # from_pretrained returns the model in eval mode: the weights train with their dropout
     base = (r - 1) * args.prune_interval
     loss_sum, n = torch.zeros((), device=device), 0  # read once per logging step: no host sync per step
     for step in range(1, args.prune_interval + 1):

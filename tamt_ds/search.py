@@ -215,6 +215,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
         monitor.write(f"model {args.model_name_or_path}: RANDOM weights (seed {random_weights['seed']}), "
                       f"published shapes only: for system and scaling runs, not a pre-trained model")
     batches = iter(loader)
+    engine.train()  # from_pretrained returns the model in eval mode: the student trains with its dropout
     diverged = guards.NonFiniteGuard(device)
     # Loss terms add up on the device and are read once per logging step: no host sync per step.
     window = {"t": time.perf_counter(), "tokens": 0, "blocks": 0, "terms": {}, "n": 0}
