@@ -103,10 +103,10 @@ def run_cell(args) -> int:
     import torch
 
     from tamt_ds import engine as eng, sharding
-    from tamt_ds.host_memory import return_freed_memory_to_os
+    from tamt_ds.host_memory import release_freed_memory_for
     from tamt_ds.objectives import compute_loss
 
-    return_freed_memory_to_os()  # as search.py does
+    release_freed_memory_for(args.model)  # as search.py does
     eng.init_distributed()
     cfg = eng.load_ds_config(args.deepspeed, micro_batch=args.batch, grad_accum=1, grad_clip=1.0)
     t0 = time.perf_counter()
@@ -219,11 +219,13 @@ def launch(args, model: str, config: str, ranks: int, mode: str, out: Path) -> d
     """One torchrun of `cell`, watched: stopped (with its ranks) if the machine runs low on memory."""
     import psutil
 
+    from tamt_ds.engine import free_port
+
     cores = os.cpu_count() or 1
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks)), "TOKENIZERS_PARALLELISM": "false"}
     path, gc = config_file(config)
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks), "--master_port",
-           str(_free_port()), str(Path(__file__).resolve()), "cell", "--model", MODELS[model],
+           str(free_port()), str(Path(__file__).resolve()), "cell", "--model", MODELS[model],
            "--deepspeed", path, "--mode", mode, "--objective", args.objective,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--out", str(out)] + (["--gradient_checkpointing"] if gc else [])
@@ -294,14 +296,6 @@ def machine() -> str:
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- report: table into docs/scaling.md, plots, targets -------------------------------------

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -148,7 +147,7 @@ def run_blocks(args) -> int:
             argv = [sys.executable, os.path.abspath(__file__), "--only", kind]
             if args.nproc > 1:
                 torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-                argv[:1] = [torchrun, "--nproc_per_node", str(args.nproc), "--master_port", str(free_port())]
+                argv[:1] = [torchrun, "--nproc_per_node", str(args.nproc), "--master_port", str(eng.free_port())]
             for name in ("mode", "model", "objective", "sparsity", "batch", "seq", "steps", "warmup", "deepspeed"):
                 if getattr(args, name) is not None:
                     argv += [f"--{name}", str(getattr(args, name))]
@@ -162,12 +161,6 @@ def run_blocks(args) -> int:
     report(args, cfg, times, peak, f"{args.blocks} alternating blocks of {args.steps}, fresh processes",
            world=args.nproc)
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss_mb() -> float:

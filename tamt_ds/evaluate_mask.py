@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tamt_ds import checkpoint, engine as eng, sharding
+from tamt_ds.engine import to_device
 from tamt_ds.data.corpus import CorpusArguments, build_validation_batches, default_validation_files
 from tamt_ds.maskfile import masks_for_model, read_mask_file, save_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, MaskSet, attach_masks, parse_baseline
@@ -162,10 +163,6 @@ def set_mask(masks: MaskSet, model, choice: MaskChoice, mask_file: dict | None, 
     else:
         masks.fixed_k, masks.sparsity = None, choice.sparsity  # int(numel * S) per matrix, as OMP / random prune
         masks.init_scores("random" if choice.kind == "random" else "magnitude", seed=seed)
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()

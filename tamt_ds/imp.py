@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tamt_ds import checkpoint, engine as eng, sharding
+from tamt_ds.engine import to_device
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, \
     default_train_files, default_validation_files
 from tamt_ds.maskfile import atomic_torch_save, masks_for_model, read_mask_file
@@ -231,10 +232,6 @@ def quiet_loading() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from tamt_ds import checkpoint, engine as eng, guards, sharding
+from tamt_ds.engine import to_device
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, default_train_files, \
     default_validation_files
 from tamt_ds.errors import InputError
 from tamt_ds.export import export_search_outputs
-from tamt_ds.host_memory import return_freed_memory_to_os
+from tamt_ds.host_memory import release_freed_memory_for
 from tamt_ds.maskfile import read_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, check_settings, prepare_search
 from tamt_ds.models import DEFAULT_MODEL, enable_gradient_checkpointing, load_model, load_tokenizer, random_weights_note
@@ -133,10 +134,6 @@ def start_output_dir(args: SearchArguments, config: dict) -> None:
     guards.check_shared_dir(args.output_dir)
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
     """KD loss (and MLM loss/accuracy with a head) of the current subnetwork on the fixed held-out set."""
@@ -161,7 +158,7 @@ def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
 
 def search(args: SearchArguments, data: CorpusArguments) -> dict:
     validate(args)
-    return_freed_memory_to_os()  # CPU ranks: the resident set follows the memory in use (host_memory.py)
+    release_freed_memory_for(args.model_name_or_path)  # large models: a CPU rank's resident set follows its use
     eng.init_distributed(args.dist_timeout)
     check_output_dir(args)  # after the group forms: a rank-local view of the directory may differ
     torch.manual_seed(args.seed)  # the same on every rank: one dropout stream, whatever the world size

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT, free_port
 
 PYTHON = sys.executable
 SEARCH = ROOT / "launchers" / "search.py"
@@ -141,4 +141,4 @@ def hostfile(path: Path, nodes: int = 2) -> Path:
 
 
 __all__ = ["Launch", "deepspeed_node", "torchrun_node", "search_args", "env", "wait_for_metrics", "error_lines",
-           "hostfile", "load_rows", "_free_port", "ROOT", "PYTHON", "SEARCH", "FINETUNE"]
+           "hostfile", "load_rows", "free_port", "ROOT", "PYTHON", "SEARCH", "FINETUNE"]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tamt_ds.engine import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,20 +38,12 @@ def pytest_runtest_protocol(item, nextitem):
 def torchrun(script, *args, nproc: int = 2, timeout: int = 600, check: bool = True, env=None) -> subprocess.CompletedProcess:
     """A real multi-process run: `torchrun --nproc_per_node N script args` (gloo on CPU)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), str(script), *map(str, args)]
+           str(free_port()), str(script), *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

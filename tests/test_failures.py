@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tests.cluster import (FINETUNE, PYTHON, ROOT, SEARCH, Launch, _free_port, deepspeed_node, env, error_lines,
+from tests.cluster import (FINETUNE, PYTHON, ROOT, SEARCH, Launch, free_port, deepspeed_node, env, error_lines,
                            hostfile, search_args)
 from tests.conftest import torchrun
 from tests.test_finetune_cli import write_local_classification
@@ -19,7 +19,7 @@ LONG = ["--max_steps", "2000", "--save_steps", "100000"]  # runs until something
 
 def torchrun_cmd(script, args, nproc: int = 2) -> list[str]:
     return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(_free_port()), str(script), *map(str, args)]
+            str(free_port()), str(script), *map(str, args)]
 
 
 def wait_until(predicate, launch: Launch, timeout: float = 400) -> None:
@@ -52,7 +52,7 @@ def exit_times(launch: Launch, since: float, timeout: float) -> list[tuple[int, 
 
 
 def test_killed_rank_ends_a_two_node_search_within_60s(tiny_bert, tmp_path):
-    hosts, port, out = hostfile(tmp_path / "hostfile"), _free_port(), tmp_path / "run"
+    hosts, port, out = hostfile(tmp_path / "hostfile"), free_port(), tmp_path / "run"
     launch = Launch([deepspeed_node(hosts, i, port, SEARCH, search_args(tiny_bert, out, *LONG)) for i in range(2)],
                     tmp_path / "logs")
     wait_until(logged(out / "metrics.jsonl", 2), launch)
@@ -142,7 +142,7 @@ def test_unexpected_exception_on_rank_1_keeps_its_traceback_and_names_rank_1(tin
 def test_input_error_on_one_node_only_is_one_line_naming_it(tiny_bert, tmp_path):
     """--train_files given relative to the working directory, which only node 0 has: rank 1
     stops with its one-line input error, and rank 0 does not wait for it."""
-    hosts, port = hostfile(tmp_path / "hostfile"), _free_port()
+    hosts, port = hostfile(tmp_path / "hostfile"), free_port()
     cwds = [tmp_path / "node0", tmp_path / "node1"]
     for d in cwds:
         d.mkdir()

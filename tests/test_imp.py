@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, _free_port, kill_tree, torchrun
+from tests.conftest import ROOT, free_port, kill_tree, torchrun
 from tests.tiny_bert_mlm import make_tiny_bert_mlm
 
 LAUNCHER = ROOT / "launchers" / "imp.py"
@@ -185,7 +185,7 @@ def test_resume_after_kill_gives_identical_masks(tmp_path):
     torchrun(LAUNCHER, *imp_args(model, full))
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(LAUNCHER), *imp_args(model, killed)]
+           str(free_port()), str(LAUNCHER), *imp_args(model, killed)]
     _kill_after(cmd, killed / "0.1" / "mask.pt")
     assert not (killed / "0.3" / "mask.pt").exists()
     first = (killed / "0.1" / "mask.pt").stat().st_mtime_ns

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.cluster import (PYTHON, ROOT, SEARCH, Launch, _free_port, deepspeed_node, env, error_lines, hostfile,
+from tests.cluster import (PYTHON, ROOT, SEARCH, Launch, free_port, deepspeed_node, env, error_lines, hostfile,
                            load_rows, search_args, torchrun_node)
 from tests.conftest import torchrun
 
@@ -40,7 +40,7 @@ def check_run(out, reference) -> None:
 
 def test_deepspeed_no_ssh_two_nodes(reference, tiny_bert, tmp_path):
     """On each node: deepspeed --hostfile H --no_ssh --node_rank i --master_addr A --master_port P."""
-    hosts, port, out = hostfile(tmp_path / "hostfile"), _free_port(), tmp_path / "run"
+    hosts, port, out = hostfile(tmp_path / "hostfile"), free_port(), tmp_path / "run"
     launch = Launch([deepspeed_node(hosts, i, port, SEARCH, search_args(tiny_bert, out, *STEPS)) for i in range(2)],
                     tmp_path / "logs")
     assert launch.wait(600) == [0, 0], launch.text()[-6000:]
@@ -49,7 +49,7 @@ def test_deepspeed_no_ssh_two_nodes(reference, tiny_bert, tmp_path):
 
 def test_torchrun_c10d_two_nodes(reference, tiny_bert, tmp_path):
     """On each node: torchrun --nnodes 2 --node_rank i --rdzv_backend c10d --rdzv_endpoint A:P."""
-    port, out = _free_port(), tmp_path / "run"
+    port, out = free_port(), tmp_path / "run"
     launch = Launch([torchrun_node(2, i, port, SEARCH, search_args(tiny_bert, out, *STEPS)) for i in range(2)],
                     tmp_path / "logs")
     assert launch.wait(600) == [0, 0], launch.text()[-6000:]
@@ -61,7 +61,7 @@ def test_mpirun_with_hostfile(reference, tiny_bert, tmp_path):
     (tmp_path / "hosts").write_text("localhost:2\n")
     out = tmp_path / "run"
     cmd = [os.path.join(os.path.dirname(PYTHON), "mpirun"),
-           "-f", str(tmp_path / "hosts"), "-np", "2", "-genv", "MASTER_PORT", str(_free_port()),
+           "-f", str(tmp_path / "hosts"), "-np", "2", "-genv", "MASTER_PORT", str(free_port()),
            PYTHON, str(SEARCH), *search_args(tiny_bert, out, *STEPS)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -107,7 +107,7 @@ def test_slurm_sbatch_runs_one_launcher_per_node(reference, tiny_bert, tmp_path)
     out = tmp_path / "run"
     proc = subprocess.run(["bash", str(ROOT / "launchers" / "slurm" / "search.sbatch"),
                            *search_args(tiny_bert, out, *STEPS)],
-                          env=slurm_env(tmp_path, PYTHON=PYTHON, MASTER_PORT=str(_free_port())),
+                          env=slurm_env(tmp_path, PYTHON=PYTHON, MASTER_PORT=str(free_port())),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "search: 2 nodes x 1 ranks, rank 0 on localhost" in proc.stdout
@@ -117,7 +117,7 @@ def test_slurm_sbatch_runs_one_launcher_per_node(reference, tiny_bert, tmp_path)
 def test_output_dir_not_shared_stops_every_rank_with_one_line(tiny_bert, tmp_path):
     """Two nodes whose --output_dir (relative, as written in a job script) resolves to a
     different directory on each: rank 1 cannot see what rank 0 writes."""
-    hosts, port = hostfile(tmp_path / "hostfile"), _free_port()
+    hosts, port = hostfile(tmp_path / "hostfile"), free_port()
     cwds = [tmp_path / "node0", tmp_path / "node1"]
     for d in cwds:
         d.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, _free_port, kill_tree, torchrun
+from tests.conftest import ROOT, free_port, kill_tree, torchrun
 
 LAUNCHER = ROOT / "launchers" / "search.py"
 RESUME_WORKER = ROOT / "tests" / "workers" / "resume_worker.py"
@@ -29,7 +29,7 @@ def deepspeed_run(tiny_bert, tmp_path_factory):
     """`deepspeed --num_accelerators 2 launchers/search.py ...`, as a user runs it."""
     out = tmp_path_factory.mktemp("ds") / "run"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--num_nodes", "1",
-           "--master_port", str(_free_port()), str(LAUNCHER),
+           "--master_port", str(free_port()), str(LAUNCHER),
            *common(tiny_bert, out, "--max_steps", "6", "--save_steps", "3")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -130,7 +130,7 @@ def test_resume_after_kill_is_exact(tiny_bert_dropout, dropout_run, tmp_path):
     assert json.loads((Path(tiny_bert_dropout) / "config.json").read_text())["hidden_dropout_prob"] == 0.1
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(LAUNCHER), *common(tiny_bert_dropout, killed, *RESUME_STEPS)]
+           str(free_port()), str(LAUNCHER), *common(tiny_bert_dropout, killed, *RESUME_STEPS)]
     tag = _kill_after_first_checkpoint(cmd, killed / "checkpoints")
     start = int(tag.removeprefix("step"))
     assert 0 < start < 24 and not (killed / "mask.pt").exists()

@@ -39,10 +39,6 @@ def load_data(args: FinetuneArguments, name: str, tokenizer) -> TaskData:
     return TaskData(spec, splits["train"], evals)
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def train_batches(features, collate, batch_size: int, seed: int):
     """Endless micro-batches of this rank's share, reshuffled every epoch (same order for a seed)."""
     from torch.utils.data import DataLoader, DistributedSampler

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from tamt_ds import sharding
-from tamt_ds.downstream.data import MODEL_INPUTS, TaskData, to_device
+from tamt_ds.downstream.data import MODEL_INPUTS, TaskData
+from tamt_ds.engine import to_device
 from tamt_ds.downstream.metrics import split_metrics
 from tamt_ds.downstream.squad import postprocess_predictions, squad_metrics
 

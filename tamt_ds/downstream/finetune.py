@@ -24,13 +24,14 @@ from tamt_ds import engine as eng, sharding
 from tamt_ds.downstream.arguments import (FinetuneArguments, MaskSpec, check_zero_stage, mask_label, parse_args,
                                           parse_mask, parse_seeds, slug, task_names, validate)
 from tamt_ds.downstream.audit import measure_sparsity
-from tamt_ds.downstream.data import TaskData, load_data, to_device, train_batches
+from tamt_ds.downstream.data import TaskData, load_data, train_batches
 from tamt_ds.downstream.evaluation import evaluate
 from tamt_ds.downstream.fixed_mask import FixedMask, mask_for_task
 from tamt_ds.downstream.metrics import main_score
 from tamt_ds.downstream.results import prepare_output_dirs, summarize, write_results, write_study_tables
 from tamt_ds.downstream.saving import save_model
 from tamt_ds.downstream.tasks import TaskSpec
+from tamt_ds.engine import to_device
 from tamt_ds.guards import NonFiniteGuard, check_shared_dir
 from tamt_ds.maskfile import read_mask_file
 from tamt_ds.models import load_task_model, load_tokenizer

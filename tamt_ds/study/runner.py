@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -283,21 +282,17 @@ def print_budget(cfg: StudyConfig, jobs: list[Job], counts: dict) -> None:
 # ------------------------------------------------------------------------ running
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(cfg: StudyConfig, job: Job) -> list[str]:
+    from tamt_ds.engine import free_port  # here: the runner itself never needs torch otherwise
+
     script = str(REPO_ROOT / job.script)
     bin_dir = os.path.dirname(sys.executable)  # the launchers' console scripts, in this interpreter's environment
     if cfg.launcher == "torchrun":
         return [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(cfg.nproc),
-                "--master_port", str(_free_port()), script, *job.args]
+                "--master_port", str(free_port()), script, *job.args]
     if cfg.launcher == "deepspeed":
         return [os.path.join(bin_dir, "deepspeed"), "--num_accelerators", str(cfg.nproc), "--num_nodes", "1", "--master_port",
-                str(_free_port()), script, *job.args]
+                str(free_port()), script, *job.args]
     return [sys.executable, script, *job.args]
 
 
