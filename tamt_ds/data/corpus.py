@@ -49,16 +49,6 @@ from .sources import (
 )
 from .validation import carve_head, rank_batches, read_blocks
 
-__all__ = [
-    "BlockLoader",
-    "CorpusArguments",
-    "CorpusError",
-    "build_block_loader",
-    "build_validation_batches",
-    "default_train_files",
-    "default_validation_files",
-]
-
 logger = logging.getLogger(__name__)
 
 _SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
