@@ -38,12 +38,13 @@ class Budget:
     cores: int = 2
     single_job_cores: float = 1.7  # measured: a 300-step search, 1081 CPU-s in 633 s on a quiet 2-core machine
     process_start_cpu_s: float = 30.0  # imports, model load, DeepSpeed set-up, per subprocess
-    search_step_cpu_s: float = 3.5  # one TAMT-KD step of 64 x 32 tokens (teacher + student)
-    search_mlm_step_cpu_s: float = 4.5  # one TAMT-MLM(+KD) step
-    imp_step_cpu_s: float = 3.0  # one MLM step of all weights
-    imp_round_cpu_s: float = 10.0  # fresh engine, pruning, saving, per round
-    eval_mask_cpu_s: float = 6.0  # one mask on the held-out blocks
-    finetune_step_cpu_s: float = 1.3  # one fine-tuning step (batch 32 of short sentences)
+    # per unit below: fitted to the embedded study's jobs of 2026-11-26 (docs/study/timings.json)
+    search_step_cpu_s: float = 3.0  # one TAMT-KD step of 64 x 32 tokens (teacher + student)
+    search_mlm_step_cpu_s: float = 4.0  # one TAMT-MLM(+KD) step
+    imp_step_cpu_s: float = 4.0  # one MLM step of all weights
+    imp_round_cpu_s: float = 15.0  # fresh engine, pruning, saving, per round
+    eval_mask_cpu_s: float = 4.0  # one mask on the held-out blocks
+    finetune_step_cpu_s: float = 1.0  # one fine-tuning step (batch 32 of short sentences)
     finetune_run_cpu_s: float = 25.0  # per task and seed: model load, engine, evaluation of dev and test
 
 
