@@ -9,9 +9,9 @@ import torch
 
 from tamt_ds import sharding
 from tamt_ds.downstream.data import MODEL_INPUTS, TaskData
-from tamt_ds.engine import to_device
 from tamt_ds.downstream.metrics import split_metrics
 from tamt_ds.downstream.squad import postprocess_predictions, squad_metrics
+from tamt_ds.engine import to_device
 
 
 def gather_to_rank0(rows: list) -> list | None:
