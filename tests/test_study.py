@@ -44,7 +44,7 @@ def tiny_config(tmp: Path, model: str) -> Path:
         "name": "tiny", "output_dir": str(tmp / "study"), "model_name_or_path": model,
         "deepspeed": "ds_configs/zero3_cpu.json", "parallel_jobs": 2,
         "methods": ["tamt-kd", "imp", "omp", "random"], "sparsities": [0.2, 0.4], "mask_seeds": [1],
-        "search": {"max_steps": 4, "per_device_train_batch_size": 4, "max_seq_length": 32, "validation_blocks": 4,
+        "search": {"max_steps": {0.2: 3, 0.4: 4}, "per_device_train_batch_size": 4, "max_seq_length": 32, "validation_blocks": 4,
                    "save_steps": 2, "eval_steps": 4, "logging_steps": 2, "threshold_reset_steps": 2,
                    "learning_rate": 5e-3},
         "imp": {"prune_interval": 2, "per_device_train_batch_size": 4, "max_seq_length": 32, "validation_blocks": 4,
@@ -116,6 +116,9 @@ def test_masks_levels_and_rows(study):
         assert all(m.keys() == masks[0].keys() for m in masks) and len(masks[0]) == 14
         for m in masks:
             assert all(int((~v).sum()) == int(v.numel() * float(s)) for v in m.values())
+    for s, steps in (("0.2", 3), ("0.4", 4)):  # a per-sparsity search argument reached its search
+        run = json.loads((out / f"masks/tamt-kd_s{s}_m1/run_config.json").read_text())
+        assert run["search"]["max_steps"] == steps
     rows = json.loads((out / "study.json").read_text())
     assert isinstance(rows, list)
     for r in rows:
@@ -180,6 +183,7 @@ def test_figures_written_and_plot_only(study):
     ({"methods": ["tamt-kd", "magic"]}, "unknown method(s) ['magic']"),
     ({"sparsities": [0.25]}, "multiples of prune_fraction"),
     ({"search": {"sparsity": 0.3}}, "set by the study"),
+    ({"search": {"max_steps": {0.7: 20}}}, "max_steps is a per-sparsity mapping without a value for [0.5]"),
     ({"finetune": {"tasks": ["nosuchtask"], "task_data_dir": "/nonexistent"}}, "not found"),
     ({"launcher": "slurm"}, "launcher must be"),
 ])

@@ -70,7 +70,9 @@ class StudyConfig:
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
     mask_seeds: list[int] = field(default_factory=lambda: [1])
     dense_reference: bool = True
-    search: dict[str, Any] = field(default_factory=dict)  # launchers/search.py arguments
+    # launchers/search.py arguments; a value may be a mapping {sparsity: value}, e.g. more steps
+    # at higher sparsity, as the paper matches each mask's search cost to IMP's at that sparsity
+    search: dict[str, Any] = field(default_factory=dict)
     imp: dict[str, Any] = field(default_factory=dict)  # launchers/imp.py arguments
     evaluate: dict[str, Any] = field(default_factory=dict)  # launchers/evaluate_mask.py arguments
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
@@ -84,6 +86,10 @@ class StudyConfig:
     @property
     def out(self) -> str:
         return self.path(self.output_dir)
+
+    def search_args(self, sparsity: float) -> dict[str, Any]:
+        """The search's arguments for one sparsity: per-sparsity mappings resolved."""
+        return {k: (_at_sparsity(v, sparsity) if isinstance(v, dict) else v) for k, v in self.search.items()}
 
     @property
     def imp_levels(self) -> list[float]:
@@ -117,6 +123,12 @@ def mask_cells(cfg: StudyConfig) -> list[MaskCell]:
             seeds = [None] if method == "omp" else cfg.mask_seeds  # OMP is deterministic
             cells += [MaskCell(method, s, seed) for seed in seeds]
     return cells
+
+
+def _at_sparsity(values: dict, sparsity: float):
+    """values[sparsity] for a {sparsity: value} mapping (YAML float keys, or JSON string keys)."""
+    found = [v for k, v in values.items() if math.isclose(float(k), sparsity, abs_tol=1e-9)]
+    return found[0] if found else None
 
 
 # ------------------------------------------------------------------------ loading
@@ -180,6 +192,15 @@ def validate(cfg: StudyConfig) -> None:
         off = [s for s in cfg.sparsities if not math.isclose(round(s / step) * step, s, abs_tol=1e-9)]
         if off:
             raise StudyError(f"{where}: IMP reaches only multiples of prune_fraction {step}; sparsities {off} are not")
+    for key, values in cfg.search.items():
+        if isinstance(values, dict):
+            try:
+                missing = [s for s in cfg.sparsities if _at_sparsity(values, s) is None]
+            except (TypeError, ValueError):
+                missing = cfg.sparsities
+            if missing:
+                raise StudyError(f"{where}: search: {key} is a per-sparsity mapping without a value for "
+                                 f"{missing}: give one for every sparsity, e.g. {{0.5: 80, 0.9: 160}}")
     for section, reserved in (("search", ("objective", "sparsity", "seed", "output_dir", "resume")),
                               ("imp", ("max_sparsity", "seed", "output_dir", "resume")),
                               ("evaluate", ("mask", "output", "save_mask", "mask_seed"))):

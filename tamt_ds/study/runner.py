@@ -176,12 +176,13 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
     for cell in cells:
         if cell.method in TAMT_METHODS and not count(os.path.isfile(mask_path(cfg, cell))):
             objective = TAMT_METHODS[cell.method]
-            steps = int(cfg.search.get("max_steps", 120))
+            args = cfg.search_args(cell.sparsity)
+            steps = int(args.get("max_steps", 120))
             step_s = b.search_step_cpu_s if objective == "kd" else b.search_mlm_step_cpu_s
             jobs.append(Job("masks", f"search {cell.id}", "launchers/search.py",
                             common_args(cfg) + ["--objective", objective, "--sparsity", f"{cell.sparsity:g}",
                                                 "--seed", str(cell.seed), "--output_dir", search_dir(cfg, cell),
-                                                "--resume", "True"] + cli(cfg.search),
+                                                "--resume", "True"] + cli(args),
                             b.process_start_cpu_s + steps * step_s, 1, [mask_path(cfg, cell)]))
     if "imp" in cfg.methods:
         levels = cfg.imp_levels
