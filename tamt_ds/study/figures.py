@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import textwrap
 
 import numpy as np
 
@@ -41,12 +42,18 @@ def _metric_label(rows: list[dict], split: str) -> str:
     return f"{'test' if split == 'test' else 'dev'} {base} (%)"
 
 
+def suptitle(fig, text: str) -> None:
+    """The figure's title, wrapped to its width (a one-task or one-sparsity study is narrow)."""
+    fig.suptitle(textwrap.fill(text, width=max(40, int(fig.get_figwidth() * 11))), fontsize=11)
+
+
 def downstream_vs_sparsity(cfg: StudyConfig, rows: list[dict], split: str, path: str) -> str | None:
     plt = _plt()
     tasks = [t for t in [*cfg.finetune.tasks, AVERAGE] if any(r["task"] == t and r["split"] == split for r in rows)]
     if not tasks:
         return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.2), squeeze=False,
+                             layout="constrained")
     label = _metric_label(rows, split)
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in rows if r["task"] == task and r["split"] == split]
@@ -66,9 +73,8 @@ def downstream_vs_sparsity(cfg: StudyConfig, rows: list[dict], split: str, path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
     n_runs = max((r["n"] for r in rows), default=0)
-    fig.suptitle(f"Downstream score against sparsity ({cfg.model_name_or_path}); mean ± std over {n_runs} runs "
-                 f"(fine-tuning seeds x mask seeds)", fontsize=11)
-    fig.tight_layout()
+    suptitle(fig, f"Downstream score against sparsity ({cfg.model_name_or_path}); mean ± std over {n_runs} runs "
+                 f"(fine-tuning seeds x mask seeds)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -81,7 +87,8 @@ def downstream_vs_loss(cfg: StudyConfig, points: list[dict], corr: list[dict], l
     if not usable:
         return None
     panels = [*sorted({p["sparsity"] for p in usable}), None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.2), squeeze=False,
+                             layout="constrained")
     name = {"kd_loss": "held-out KD loss (mean over layers of 1 − cos to the dense model)",
             "mlm_loss": "held-out MLM loss (cross-entropy, nats)"}[loss]
     for ax, s in zip(axes[0], panels):
@@ -101,9 +108,8 @@ def downstream_vs_loss(cfg: StudyConfig, points: list[dict], corr: list[dict], l
         ax.set_ylabel(f"average {_metric_label(rows, split)} over tasks")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.suptitle(f"Downstream score against pre-training {loss.replace('_', ' ')}: one point per mask, "
-                 f"error bars = std over fine-tuning seeds", fontsize=11)
-    fig.tight_layout()
+    suptitle(fig, f"Downstream score against pre-training {loss.replace('_', ' ')}: one point per mask, "
+                 f"error bars = std over fine-tuning seeds")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -159,7 +165,8 @@ def mask_overlap(cfg: StudyConfig, masks: dict[str, dict], sparsity: float, path
     layers, where = _layout(list(next(iter(masks.values()))))
     cols = min(3, len(pairs))
     rows_n = -(-len(pairs) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(1.0 * layers * cols + 3.5, 3.4 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(1.0 * layers * cols + 3.5, 3.4 * rows_n), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(pairs):]:
         ax.axis("off")
     image = None
@@ -181,8 +188,8 @@ def mask_overlap(cfg: StudyConfig, masks: dict[str, dict], sparsity: float, path
         ax.set_title(f"{a} vs {b}\nembeddings {extra.get('embeddings', float('nan')):.2f}, "
                      f"pooler {extra.get('pooler', float('nan')):.2f}", fontsize=9)
     fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="overlap of kept weights |A ∩ B| / |A|")
-    fig.suptitle(f"Mask overlap between methods at sparsity {sparsity:g} (two independent random masks: "
-                 f"≈ {1 - sparsity:.2f}; identical masks: 1)", fontsize=11)
+    suptitle(fig, f"Mask overlap between methods at sparsity {sparsity:g} (two independent random masks: "
+                 f"≈ {1 - sparsity:.2f}; identical masks: 1)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -196,7 +203,8 @@ def sparsity_profile(cfg: StudyConfig, collected: list[dict], path: str) -> str 
     per_s = {s: masks_at(cfg, collected, s) for s in sparsities}
     if not any(per_s.values()):
         return None
-    fig, axes = plt.subplots(2, len(sparsities), figsize=(4.6 * len(sparsities), 7.0), squeeze=False)
+    fig, axes = plt.subplots(2, len(sparsities), figsize=(4.6 * len(sparsities), 7.0), squeeze=False,
+                             layout="constrained")
     for col, s in enumerate(sparsities):
         masks = per_s[s]
         if not masks:
@@ -231,9 +239,8 @@ def sparsity_profile(cfg: StudyConfig, collected: list[dict], path: str) -> str 
         axes[0][col].set_title(f"sparsity {s:g}: per-layer sparsity")
         axes[0][col].set_ylim(max(0.0, s - 0.1), min(1.0, s + 0.1))
         axes[1][col].set_title(f"sparsity {s:g}: distance from OMP per layer")
-    fig.suptitle("Per-layer sparsity profile of each mask (per-matrix thresholds keep every matrix at the target) "
-                 "and where masks depart from magnitude pruning", fontsize=11)
-    fig.tight_layout()
+    suptitle(fig, "Per-layer sparsity profile of each mask (per-matrix thresholds keep every matrix at the target) "
+                 "and where masks depart from magnitude pruning")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -370,17 +370,23 @@ def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
     when a job starts (which, how many left, the plan's estimate) and when it ends."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-    t_start, started = time.perf_counter(), [0]
+    t_start, started, lock = time.perf_counter(), [0], threading.Lock()
+
+    def say(line: str) -> None:  # one write per line: print() writes the newline apart, so threads interleave
+        with lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     def one(job: Job) -> None:
-        started[0] += 1
-        left = len(jobs) - started[0]
-        print(f"[{started[0]}/{len(jobs)}] {job.stage}: {job.name} (est. {job.cpu_s / 60:.1f} CPU-min; "
-              f"{left} job(s) after it)", flush=True)
+        with lock:
+            started[0] += 1
+            n = started[0]
+        say(f"[{n}/{len(jobs)}] {job.stage}: {job.name} (est. {job.cpu_s / 60:.1f} CPU-min; "
+            f"{len(jobs) - n} job(s) after it)")
         seconds, cpu = run_job(cfg, job, os.path.join(cfg.out, "logs", log_name(job)))
         record_timing(cfg, job, seconds, cpu)
-        print(f"      {job.name}: done in {seconds / 60:.1f} min, {cpu / 60:.1f} CPU-min "
-              f"({(time.perf_counter() - t_start) / 60:.1f} min so far)", flush=True)
+        say(f"      {job.name}: done in {seconds / 60:.1f} min, {cpu / 60:.1f} CPU-min "
+            f"({(time.perf_counter() - t_start) / 60:.1f} min so far)")
 
     for stage in ("masks", "evaluate", "finetune"):
         mine = [j for j in jobs if j.stage == stage]
