@@ -74,7 +74,7 @@ def downstream_vs_sparsity(cfg: StudyConfig, rows: list[dict], split: str, path:
     axes[0][0].legend(fontsize=8, loc="best")
     n_runs = max((r["n"] for r in rows), default=0)
     suptitle(fig, f"Downstream score against sparsity ({cfg.model_name_or_path}); mean ± std over {n_runs} runs "
-                 f"(fine-tuning seeds x mask seeds)")
+              f"(fine-tuning seeds x mask seeds)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -109,7 +109,7 @@ def downstream_vs_loss(cfg: StudyConfig, points: list[dict], corr: list[dict], l
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower left")
     suptitle(fig, f"Downstream score against pre-training {loss.replace('_', ' ')}: one point per mask, "
-                 f"error bars = std over fine-tuning seeds")
+              f"error bars = std over fine-tuning seeds")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -189,7 +189,7 @@ def mask_overlap(cfg: StudyConfig, masks: dict[str, dict], sparsity: float, path
                      f"pooler {extra.get('pooler', float('nan')):.2f}", fontsize=9)
     fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="overlap of kept weights |A ∩ B| / |A|")
     suptitle(fig, f"Mask overlap between methods at sparsity {sparsity:g} (two independent random masks: "
-                 f"≈ {1 - sparsity:.2f}; identical masks: 1)")
+              f"≈ {1 - sparsity:.2f}; identical masks: 1)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -240,7 +240,7 @@ def sparsity_profile(cfg: StudyConfig, collected: list[dict], path: str) -> str 
         axes[0][col].set_ylim(max(0.0, s - 0.1), min(1.0, s + 0.1))
         axes[1][col].set_title(f"sparsity {s:g}: distance from OMP per layer")
     suptitle(fig, "Per-layer sparsity profile of each mask (per-matrix thresholds keep every matrix at the target) "
-                 "and where masks depart from magnitude pruning")
+              "and where masks depart from magnitude pruning")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
