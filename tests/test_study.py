@@ -52,7 +52,8 @@ def tiny_config(tmp: Path, model: str) -> Path:
         "evaluate": {"eval_blocks": 8, "max_seq_length": 32, "per_device_eval_batch_size": 4},
         "finetune": {"tasks": ["single", "pairs"], "task_data_dir": str(data), "seeds": [1, 2],
                      "args": {"max_steps": 3, "max_seq_length": 32, "per_device_train_batch_size": 8,
-                              "eval_steps": 0, "learning_rate": 1e-3}},
+                              "eval_steps": 0, "learning_rate": 1e-3},
+                     "task_args": {"pairs": {"max_steps": 2, "per_device_train_batch_size": 4}}},
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -119,6 +120,11 @@ def test_masks_levels_and_rows(study):
     for s, steps in (("0.2", 3), ("0.4", 4)):  # a per-sparsity search argument reached its search
         run = json.loads((out / f"masks/tamt-kd_s{s}_m1/run_config.json").read_text())
         assert run["search"]["max_steps"] == steps
+    for task, steps, batch in (("single", 3, 8), ("pairs", 2, 4)):  # each task's own protocol, every mask alike
+        for results in out.glob(f"finetune/*/local-{task}/results.json"):
+            run = json.loads(results.read_text())
+            assert [s["steps"] for s in run["per_seed"]] == [steps, steps], results
+            assert run["args"]["per_device_train_batch_size"] == batch, results
     rows = json.loads((out / "study.json").read_text())
     assert isinstance(rows, list)
     for r in rows:
@@ -186,6 +192,7 @@ def test_figures_written_and_plot_only(study):
     ({"search": {"max_steps": {0.7: 20}}}, "max_steps is a per-sparsity mapping without a value for [0.5]"),
     ({"finetune": {"tasks": ["nosuchtask"], "task_data_dir": "/nonexistent"}}, "not found"),
     ({"launcher": "slurm"}, "launcher must be"),
+    ({"finetune": {"task_args": {"wic": {"max_steps": 5}}}}, "finetune.task_args must map tasks of finetune.tasks"),
 ])
 def test_bad_config_one_line(tmp_path, change, message):
     cfg = {"methods": ["tamt-kd", "imp"], "sparsities": [0.5], "output_dir": str(tmp_path / "o"), **change}

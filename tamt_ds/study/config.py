@@ -44,8 +44,9 @@ class Budget:
     imp_step_cpu_s: float = 4.0  # one MLM step of all weights
     imp_round_cpu_s: float = 15.0  # fresh engine, pruning, saving, per round
     eval_mask_cpu_s: float = 4.0  # one mask on the held-out blocks
-    finetune_step_cpu_s: float = 1.0  # one fine-tuning step (batch 32 of short sentences)
-    finetune_run_cpu_s: float = 25.0  # per task and seed: model load, engine, evaluation of dev and test
+    finetune_step_cpu_s: float = 0.4  # one fine-tuning step's optimizer and ZeRO work, whatever the batch
+    finetune_example_cpu_s: float = 0.02  # forward + backward of one short sentence
+    finetune_run_cpu_s: float = 15.0  # per task and seed: model load, engine, evaluation of dev and test
 
 
 @dataclass
@@ -54,7 +55,13 @@ class FinetuneSpec:
     task_data_dir: str = "../shared/data"  # local tasks: <dir>/<task>/{train,validation[,test]}.tsv
     seeds: list[int] = field(default_factory=lambda: [1, 2])
     args: dict[str, Any] = field(default_factory=dict)  # launchers/finetune.py arguments, same for every mask
+    # per-task changes to args, e.g. {wic_wn: {max_steps: 25}}: a task's protocol, still the same for every mask
+    task_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     report_split: str = "test"  # figures use test_<metric> where a task has a labelled test split, else dev
+
+    def args_for(self, task: str) -> dict[str, Any]:
+        """launchers/finetune.py arguments for one task (a name of `tasks`)."""
+        return {**self.args, **self.task_args.get(task, {})}
 
 
 @dataclass
@@ -207,10 +214,17 @@ def validate(cfg: StudyConfig) -> None:
         clash = [k for k in getattr(cfg, section) if k in reserved or k in ("model_name_or_path", "deepspeed")]
         if clash:
             raise StudyError(f"{where}: {section}: {clash} are set by the study for each cell; remove them")
-    clash = [k for k in cfg.finetune.args if k in ("mask", "task", "tasks", "seeds", "mask_seed", "output_dir",
-                                                   "model_name_or_path", "deepspeed", "data_dir")]
-    if clash:
-        raise StudyError(f"{where}: finetune.args: {clash} are set by the study; use finetune.tasks / seeds instead")
+    per_task = cfg.finetune.task_args
+    if not isinstance(per_task, dict) or any(t not in cfg.finetune.tasks or not isinstance(v, dict)
+                                             for t, v in per_task.items()):
+        raise StudyError(f"{where}: finetune.task_args must map tasks of finetune.tasks ({cfg.finetune.tasks}) "
+                         f"to arguments, e.g. {{wic_wn: {{max_steps: 25}}}}")
+    for task in cfg.finetune.tasks:
+        clash = [k for k in cfg.finetune.args_for(task) if k in ("mask", "task", "tasks", "seeds", "mask_seed",
+                                                                  "output_dir", "model_name_or_path", "deepspeed",
+                                                                  "data_dir")]
+        if clash:
+            raise StudyError(f"{where}: finetune: {clash} are set by the study; use finetune.tasks / seeds instead")
     if not cfg.finetune.tasks or not cfg.finetune.seeds:
         raise StudyError(f"{where}: finetune needs at least one task and one seed")
     if cfg.finetune.report_split not in ("test", "dev"):

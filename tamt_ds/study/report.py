@@ -165,7 +165,7 @@ def markdown(cfg: StudyConfig, rows: list[dict], corr: list[dict], figures: list
              f"- methods: {', '.join(cfg.methods)}" + (" (+ the dense model)" if cfg.dense_reference else ""),
              f"- sparsities: {', '.join(f'{s:g}' for s in cfg.sparsities)}; mask seeds: {cfg.mask_seeds}",
              f"- tasks: {', '.join(ft.tasks)}; fine-tuning seeds: {ft.seeds}; fine-tuning arguments (all masks "
-             f"alike): `{json.dumps(ft.args)}`",
+             f"alike): `{json.dumps(ft.args)}`" + "".join(f"; {t}: `{json.dumps(a)}`" for t, a in ft.task_args.items()),
              f"- pre-training losses on held-out text: `{json.dumps(cfg.evaluate)}`",
              f"- score: best dev evaluation of each run; table cells are **{split}** mean ± std over "
              f"{len(ft.seeds)} fine-tuning seed(s) x mask seeds (dev in the JSON)", ""]

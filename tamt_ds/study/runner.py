@@ -3,7 +3,7 @@
     plan (what is left, from the files already there) -> print the stages' cost budget
     -> masks:     one search per TAMT cell, one IMP run per mask seed       (subprocesses)
     -> evaluate:  KD (and MLM) loss of every mask; OMP / random masks written as files
-    -> finetune:  one launchers/finetune.py per mask, every task x seed
+    -> finetune:  one launchers/finetune.py per mask and task, every seed
     -> report:    study.json, study.md, figures (also alone: --plot-only)
 
 Every cell writes its own result file, atomically, and the plan is recomputed from the
@@ -63,8 +63,12 @@ def eval_path(cfg: StudyConfig, cell: MaskCell) -> str:
     return os.path.join(cfg.out, "eval", f"{cell.id}.json")
 
 
-def finetune_dir(cfg: StudyConfig, cell: MaskCell) -> str:
-    return os.path.join(cfg.out, "finetune", cell.id)
+def finetune_dir(cfg: StudyConfig, cell: MaskCell, task: str | None = None) -> str:
+    """The mask's fine-tuning folder, or one task's (a harness task: its folder is the harness's slug)."""
+    from tamt_ds.downstream.arguments import slug
+
+    root = os.path.join(cfg.out, "finetune", cell.id)
+    return root if task is None else os.path.join(root, slug(task))
 
 
 def shared_data_dir(cfg: StudyConfig) -> str:
@@ -146,9 +150,8 @@ def _eval_files(cfg: StudyConfig) -> dict:
     return opts
 
 
-def _finetune_steps(cfg: StudyConfig, task: str) -> int:
+def _finetune_steps(args: dict, task: str, nproc: int) -> int:
     """Optimizer steps per seed, for the budget (from max_steps, or epochs over a local train file)."""
-    args = cfg.finetune.args
     if args.get("max_steps"):
         return int(args["max_steps"])
     n = args.get("train_subset")
@@ -156,8 +159,16 @@ def _finetune_steps(cfg: StudyConfig, task: str) -> int:
         with open(os.path.join(task[len("local:"):], "train.tsv"), encoding="utf-8") as f:
             n = sum(1 for _ in f) - 1
     n = n or 10_000  # a hub task of unknown size: a guess, said in the plan
-    batch = int(args.get("per_device_train_batch_size", 32)) * cfg.nproc
+    batch = int(args.get("per_device_train_batch_size", 32)) * nproc
     return int(float(args.get("num_train_epochs", 3.0)) * -(-n // batch))
+
+
+def _finetune_cpu_s(cfg: StudyConfig, name: str, task: str) -> float:
+    """Estimated CPU seconds of one mask's fine-tuning on one task, every seed."""
+    b, args = cfg.budget, cfg.finetune.args_for(name)
+    step_s = b.finetune_step_cpu_s + b.finetune_example_cpu_s * int(args.get("per_device_train_batch_size", 32))
+    seeds = len(cfg.finetune.seeds)
+    return b.process_start_cpu_s + seeds * (_finetune_steps(args, task, cfg.nproc) * step_s + b.finetune_run_cpu_s)
 
 
 def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
@@ -233,24 +244,23 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                                             "--mask_seed", str(key)] + cli(_eval_files(cfg)),
                         b.process_start_cpu_s + len(group) * b.eval_mask_cpu_s, len(group), outputs))
 
-    # finetune: one job per mask, its unfinished tasks x all seeds
-    tasks = task_ids(cfg)
-    per_task_s = {name: len(cfg.finetune.seeds) * (_finetune_steps(cfg, t) * b.finetune_step_cpu_s + b.finetune_run_cpu_s)
-                  for name, t in tasks.items()}
+    # finetune: one job per mask and task (all seeds), so that each task keeps its own protocol;
+    # the longest first, so that the stage ends with short jobs side by side, not one long one alone
+    finetune = []
     for cell in cells:
         results = finetune_results(cfg, cell)
-        pending = [name for name, r in results.items() if not count(task_complete(cfg, r))]
-        if not pending:
-            continue
-        partial = any(results[name] is not None for name in pending)
-        mask = mask_path(cfg, cell)
-        jobs.append(Job("finetune", f"finetune {cell.id} on {', '.join(pending)}", "launchers/finetune.py",
-                        common_args(cfg) + ["--mask", mask or "none", "--tasks", ",".join(tasks[n] for n in pending),
-                                            "--seeds", ",".join(map(str, cfg.finetune.seeds)),
-                                            "--output_dir", finetune_dir(cfg, cell)]
-                        + (["--overwrite_output_dir", "True"] if partial else []) + cli(cfg.finetune.args),
-                        b.process_start_cpu_s + sum(per_task_s[n] for n in pending), len(pending),
-                        [finetune_dir(cfg, cell)]))
+        for name, task in task_ids(cfg).items():
+            if count(task_complete(cfg, results[name])):
+                continue
+            out = finetune_dir(cfg, cell, task)
+            finetune.append(Job("finetune", f"finetune {cell.id} on {name}", "launchers/finetune.py",
+                                common_args(cfg) + ["--mask", mask_path(cfg, cell) or "none", "--task", task,
+                                                    "--seeds", ",".join(map(str, cfg.finetune.seeds)),
+                                                    "--output_dir", out]
+                                + (["--overwrite_output_dir", "True"] if results[name] is not None else [])
+                                + cli(cfg.finetune.args_for(name)),
+                                _finetune_cpu_s(cfg, name, task), 1, [out]))
+    jobs += sorted(finetune, key=lambda job: -job.cpu_s)
     return jobs, counts
 
 
