@@ -185,6 +185,27 @@ def test_figures_written_and_plot_only(study):
     assert all((out / n).exists() for n in names) and "job(s) to run" not in proc.stdout
 
 
+@pytest.mark.parametrize("section, key, value, refused", [
+    ("finetune", "learning_rate", 2e-3, "local-single was run with learning_rate 0.001, the config says 0.002"),
+    ("search", "learning_rate", 1e-2, "tamt-kd_s0.2_m1 was run with learning_rate 0.005, the config says 0.01"),
+    ("imp", "prune_interval", 3, "imp_m1 was run with prune_interval 2, the config says 3"),
+    ("search", "logging_steps", 1, None),  # how often a search logs: its mask is the same
+])
+def test_edited_protocol_refused_not_mixed(study, tmp_path, section, key, value, refused):
+    """Finished cells of an edited config are not taken as the new protocol's results."""
+    cfg = yaml.safe_load(study["config"].read_text())
+    (cfg["finetune"]["args"] if section == "finetune" else cfg[section])[key] = value
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    proc = run_study(edited, "--dry-run", timeout=300)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    if refused is None:
+        assert proc.returncode == 0 and "0 job(s) to run" in proc.stdout, proc.stderr[-2000:]
+    else:
+        assert proc.returncode == 2 and len(errors) == 1 and refused in errors[0], proc.stderr[-2000:]
+        assert "delete it to redo it" in errors[0]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"methods": ["tamt-kd", "magic"]}, "unknown method(s) ['magic']"),
     ({"sparsities": [0.25]}, "multiples of prune_fraction"),

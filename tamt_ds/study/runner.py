@@ -122,6 +122,33 @@ def task_complete(cfg: StudyConfig, result: dict | None) -> bool:
     return bool(result) and result.get("complete") and result.get("seeds") == list(cfg.finetune.seeds)
 
 
+# how often a run logs, evaluates or saves: a mask does not depend on them
+_BOOKKEEPING = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "dist_timeout")
+
+
+def check_unchanged(path: str, recorded: dict | None, wanted: dict, ignore: tuple[str, ...] = _BOOKKEEPING) -> None:
+    """A finished cell counts only if it ran with the config's arguments: a study whose protocol
+    was edited must not mix old results with new ones."""
+    def same(a, b) -> bool:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return float(a) == float(b)
+        return a == b or str(a) == str(b)
+
+    for key, value in wanted.items():
+        if recorded and key in recorded and key not in ignore and not same(recorded[key], value):
+            raise StudyError(f"{path} was run with {key} {recorded[key]!r}, the config says {value!r}: delete it "
+                             f"to redo it with the config's arguments, or give the study another output_dir")
+
+
+def recorded_args(run_config_path: str) -> dict:
+    """A search's or IMP run's arguments, from its run_config.json (its sections merged)."""
+    out = {}
+    for section in (read_json(run_config_path) or {}).values():
+        if isinstance(section, dict):
+            out.update(section)
+    return out
+
+
 # ----------------------------------------------------------------------- planning
 
 
@@ -185,9 +212,14 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
 
     # masks: TAMT searches, IMP runs (one per mask seed, all levels)
     for cell in cells:
-        if cell.method in TAMT_METHODS and not count(os.path.isfile(mask_path(cfg, cell))):
+        if cell.method not in TAMT_METHODS:
+            continue
+        args = cfg.search_args(cell.sparsity)
+        if os.path.isfile(mask_path(cfg, cell)):
+            check_unchanged(search_dir(cfg, cell), recorded_args(os.path.join(search_dir(cfg, cell), "run_config.json")),
+                            {"model_name_or_path": cfg.model_name_or_path, **args})
+        if not count(os.path.isfile(mask_path(cfg, cell))):
             objective = TAMT_METHODS[cell.method]
-            args = cfg.search_args(cell.sparsity)
             steps = int(args.get("max_steps", 120))
             step_s = b.search_step_cpu_s if objective == "kd" else b.search_mlm_step_cpu_s
             jobs.append(Job("masks", f"search {cell.id}", "launchers/search.py",
@@ -201,6 +233,9 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
         for seed in cfg.mask_seeds:
             wanted = [MaskCell("imp", s, seed) for s in cfg.sparsities]
             done = [os.path.isfile(mask_path(cfg, c)) for c in wanted]
+            if any(done):
+                check_unchanged(imp_dir(cfg, seed), recorded_args(os.path.join(imp_dir(cfg, seed), "run_config.json")),
+                                {"model_name_or_path": cfg.model_name_or_path, **cfg.imp})
             for d in done:
                 count(d)
             if not all(done):
@@ -250,9 +285,13 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
     for cell in cells:
         results = finetune_results(cfg, cell)
         for name, task in task_ids(cfg).items():
+            out = finetune_dir(cfg, cell, task)
+            if results[name] is not None:
+                check_unchanged(out, results[name].get("args"),
+                                {"model_name_or_path": cfg.model_name_or_path, **cfg.finetune.args_for(name)},
+                                ignore=("logging_steps", "dist_timeout"))  # eval_steps: the best dev evaluation
             if count(task_complete(cfg, results[name])):
                 continue
-            out = finetune_dir(cfg, cell, task)
             finetune.append(Job("finetune", f"finetune {cell.id} on {name}", "launchers/finetune.py",
                                 common_args(cfg) + ["--mask", mask_path(cfg, cell) or "none", "--task", task,
                                                     "--seeds", ",".join(map(str, cfg.finetune.seeds)),
