@@ -215,9 +215,9 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
         if cell.method not in TAMT_METHODS:
             continue
         args = cfg.search_args(cell.sparsity)
-        if os.path.isfile(mask_path(cfg, cell)):
-            check_unchanged(search_dir(cfg, cell), recorded_args(os.path.join(search_dir(cfg, cell), "run_config.json")),
-                            {"model_name_or_path": cfg.model_name_or_path, **args})
+        # finished or started (a resumed search would go on with the new arguments from the old state)
+        check_unchanged(search_dir(cfg, cell), recorded_args(os.path.join(search_dir(cfg, cell), "run_config.json")),
+                        {"model_name_or_path": cfg.model_name_or_path, **args})
         if not count(os.path.isfile(mask_path(cfg, cell))):
             objective = TAMT_METHODS[cell.method]
             steps = int(args.get("max_steps", 120))
@@ -233,9 +233,8 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
         for seed in cfg.mask_seeds:
             wanted = [MaskCell("imp", s, seed) for s in cfg.sparsities]
             done = [os.path.isfile(mask_path(cfg, c)) for c in wanted]
-            if any(done):
-                check_unchanged(imp_dir(cfg, seed), recorded_args(os.path.join(imp_dir(cfg, seed), "run_config.json")),
-                                {"model_name_or_path": cfg.model_name_or_path, **cfg.imp})
+            check_unchanged(imp_dir(cfg, seed), recorded_args(os.path.join(imp_dir(cfg, seed), "run_config.json")),
+                            {"model_name_or_path": cfg.model_name_or_path, **cfg.imp})
             for d in done:
                 count(d)
             if not all(done):
@@ -286,7 +285,7 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
         results = finetune_results(cfg, cell)
         for name, task in task_ids(cfg).items():
             out = finetune_dir(cfg, cell, task)
-            if results[name] is not None:
+            if task_complete(cfg, results[name]):  # an unfinished task is redone whole, with the new arguments
                 check_unchanged(out, results[name].get("args"),
                                 {"model_name_or_path": cfg.model_name_or_path, **cfg.finetune.args_for(name)},
                                 ignore=("logging_steps", "dist_timeout"))  # eval_steps: the best dev evaluation
