@@ -280,10 +280,10 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
 
     # finetune: one job per mask and task (all seeds), so that each task keeps its own protocol;
     # the longest first, so that the stage ends with short jobs side by side, not one long one alone
-    finetune = []
+    finetune, tasks = [], task_ids(cfg)
     for cell in cells:
         results = finetune_results(cfg, cell)
-        for name, task in task_ids(cfg).items():
+        for name, task in tasks.items():
             out = finetune_dir(cfg, cell, task)
             if task_complete(cfg, results[name]):  # an unfinished task is redone whole, with the new arguments
                 check_unchanged(out, results[name].get("args"),
