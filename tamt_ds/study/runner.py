@@ -140,13 +140,13 @@ def check_unchanged(path: str, recorded: dict | None, wanted: dict, ignore: tupl
                              f"to redo it with the config's arguments, or give the study another output_dir")
 
 
-def recorded_args(run_config_path: str) -> dict:
-    """A search's or IMP run's arguments, from its run_config.json (its sections merged)."""
-    out = {}
-    for section in (read_json(run_config_path) or {}).values():
+def check_run_unchanged(cfg: StudyConfig, folder: str, args: dict) -> None:
+    """check_unchanged for a search's or IMP run's folder (its run_config.json, sections merged)."""
+    recorded = {}
+    for section in (read_json(os.path.join(folder, "run_config.json")) or {}).values():
         if isinstance(section, dict):
-            out.update(section)
-    return out
+            recorded.update(section)
+    check_unchanged(folder, recorded, {"model_name_or_path": cfg.model_name_or_path, **args})
 
 
 # ----------------------------------------------------------------------- planning
@@ -216,8 +216,7 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
             continue
         args = cfg.search_args(cell.sparsity)
         # finished or started (a resumed search would go on with the new arguments from the old state)
-        check_unchanged(search_dir(cfg, cell), recorded_args(os.path.join(search_dir(cfg, cell), "run_config.json")),
-                        {"model_name_or_path": cfg.model_name_or_path, **args})
+        check_run_unchanged(cfg, search_dir(cfg, cell), args)
         if not count(os.path.isfile(mask_path(cfg, cell))):
             objective = TAMT_METHODS[cell.method]
             steps = int(args.get("max_steps", 120))
@@ -233,8 +232,7 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
         for seed in cfg.mask_seeds:
             wanted = [MaskCell("imp", s, seed) for s in cfg.sparsities]
             done = [os.path.isfile(mask_path(cfg, c)) for c in wanted]
-            check_unchanged(imp_dir(cfg, seed), recorded_args(os.path.join(imp_dir(cfg, seed), "run_config.json")),
-                            {"model_name_or_path": cfg.model_name_or_path, **cfg.imp})
+            check_run_unchanged(cfg, imp_dir(cfg, seed), cfg.imp)
             for d in done:
                 count(d)
             if not all(done):
