@@ -27,7 +27,6 @@ not the one `latest` names.
 """
 from __future__ import annotations
 
-import copy
 import glob
 import hashlib
 import json
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tamt_ds import sharding
+from tamt_ds import sharding, zero
 from tamt_ds.errors import InputError
 
 FORMAT_VERSION = 1
@@ -229,43 +228,30 @@ def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
     return out
 
 
-def _optimizer_layout(opt) -> tuple[list[str], dict]:
-    """(optimizer state keys with one value per element, e.g. exp_avg; the others, e.g. step)."""
-    flat = opt.fp32_partitioned_groups_flat[0]
-    state = opt.optimizer.state[flat]
-    per_element = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
-    return per_element, {k: copy.deepcopy(v) for k, v in state.items() if k not in per_element}
-
-
 def _cpu(t: torch.Tensor, n: int) -> torch.Tensor:
     # A copy, never a view: torch.save would write a view's whole flat buffer.
     return t.detach()[:n].to("cpu", torch.float32, copy=True)
 
 
 def _engine_state(engine) -> dict:
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-
     trainable = _trainable(engine)
-    opt = engine.optimizer
-    per_element, scalars = _optimizer_layout(opt)
+    per_element, scalars = zero.optimizer_state_layout(engine)
     params = {}
     for name, p in trainable:
         shard = sharding.local_shard(p)
         n = shard.values.numel()
         entry = {"offset": shard.offset, "numel": shard.numel, "shape": tuple(sharding.full_shape(p)),
-                 "fp32": _cpu(safe_get_local_fp32_param(p), n)}
+                 "fp32": _cpu(zero.local_fp32_master(p), n)}
         for key in per_element:
-            entry[key] = _cpu(safe_get_local_optimizer_state(p, key), n)
+            entry[key] = _cpu(zero.local_optimizer_state(p, key), n)
         params[name] = entry
-    scaler = getattr(opt, "loss_scaler", None)
     return {
         "params": params,
         "optimizer": {"per_element": per_element, "scalars": scalars,
-                      "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.optimizer.param_groups]},
+                      "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in zero.optimizer_param_groups(engine)]},
         "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-        "loss_scaler": copy.deepcopy(vars(scaler)) if scaler is not None else None,
-        "counters": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
-                     "skipped_steps": engine.skipped_steps},
+        "loss_scaler": zero.loss_scaler_state(engine),
+        "counters": zero.engine_counters(engine),
     }
 
 
@@ -347,24 +333,17 @@ def _fill(out: torch.Tensor, lo: int, pieces: list[tuple[int, torch.Tensor]]) ->
 def load(engine, found: Found) -> Restored:
     """Restore the engine (trainable parameters, optimizer, schedule) and the RNG from a
     checkpoint written on any number of ranks; return the rest for the caller."""
-    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-
     world = found.world_size
     files = [torch.load(os.path.join(found.folder, f"rank{r}.pt"), map_location="cpu", mmap=True, weights_only=False)
              for r in range(world)]
     first = files[0]
-    opt = engine.optimizer
     saved_opt = first["optimizer"]
-    # The base optimizer creates its state lazily at its first step: create it here, then fill it.
-    for flat in opt.fp32_partitioned_groups_flat:
-        state = opt.optimizer.state[flat]
-        for key in saved_opt["per_element"]:
-            state.setdefault(key, torch.zeros_like(flat))
-        state.update(copy.deepcopy(saved_opt["scalars"]))
-    if len(saved_opt["param_groups"]) != len(opt.optimizer.param_groups):
+    zero.create_optimizer_state(engine, saved_opt["per_element"], saved_opt["scalars"])
+    groups = zero.optimizer_param_groups(engine)
+    if len(saved_opt["param_groups"]) != len(groups):
         raise CheckpointError(f"checkpoint {found.folder} has {len(saved_opt['param_groups'])} optimizer parameter "
-                              f"groups, this run {len(opt.optimizer.param_groups)}: resume with the same --objective")
-    for group, saved in zip(opt.optimizer.param_groups, saved_opt["param_groups"]):
+                              f"groups, this run {len(groups)}: resume with the same --objective")
+    for group, saved in zip(groups, saved_opt["param_groups"]):
         group.update(saved)
 
     trainable = _trainable(engine)
@@ -374,30 +353,24 @@ def load(engine, found: Found) -> Restored:
                               f"resume with the same --objective and --mask_patterns")
     for name, p in trainable:
         shard = sharding.local_shard(p)
-        device = p.ds_tensor.device
+        device = sharding.local_partition(p).device
         for key in ("fp32", *saved_opt["per_element"]):
-            value = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32)  # ZeRO's padding stays 0
+            value = torch.zeros(sharding.local_partition(p).numel(), dtype=torch.float32)  # ZeRO's padding stays 0
             _fill(value[:shard.values.numel()], shard.offset, [(f["params"][name]["offset"], f["params"][name][key])
                                                                for f in files])
             value = value.to(device)
             if key == "fp32":
-                safe_set_local_fp32_param(p, value)
-                p.ds_tensor.data.copy_(value)  # the training-dtype copy the forward uses
+                zero.set_local_fp32_master(p, value)
+                sharding.local_partition(p).copy_(value)  # the training-dtype copy the forward uses
             else:
-                safe_set_local_optimizer_state(p, value, key)
+                zero.set_local_optimizer_state(p, value, key)
 
-    # ZeRO-3 keeps small ("persistent") parameters gathered once a step has used them: free
-    # those full copies, so that the next forward gathers the slices just loaded.
-    persistent = list(getattr(opt, "persistent_parameters", []))
-    if persistent:
-        persistent[0].partition(persistent)
+    zero.release_persistent_parameters(engine)  # the next forward gathers the slices just loaded
 
     if engine.lr_scheduler is not None and first["scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(first["scheduler"])
-    if first["loss_scaler"] is not None and getattr(opt, "loss_scaler", None) is not None:
-        vars(opt.loss_scaler).update(copy.deepcopy(first["loss_scaler"]))
-    for key, value in first["counters"].items():
-        setattr(engine, key, value)
+    zero.set_loss_scaler_state(engine, first["loss_scaler"])
+    zero.set_engine_counters(engine, first["counters"])
     # Every rank draws the same dropout stream (one seed for all), so on another world
     # size each rank continues it from a saved rank's state; on the same one, from its own.
     _set_rng_state(files[sharding.rank() % world]["rng"])

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tamt_ds import checkpoint, engine as eng, sharding
+from tamt_ds import checkpoint, engine as eng, sharding, zero
 from tamt_ds.engine import to_device
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, \
     default_train_files, default_validation_files
@@ -179,10 +179,8 @@ def head_parameters(model) -> dict[str, torch.nn.Parameter]:
 def full_tensor(p: torch.nn.Parameter) -> torch.Tensor:
     """The full fp32 tensor of a (possibly partitioned) parameter, on the CPU (collective):
     the optimizer's fp32 master where it has one (exact under bf16), else the gathered values."""
-    if sharding.is_partitioned(p) and hasattr(p, "_z3_optimizer"):
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return safe_get_full_fp32_param(p).reshape(p.ds_shape).float().cpu()
+    if zero.has_fp32_master(p):
+        return zero.full_fp32_master(p).float().cpu()
     with sharding.gathered([p]):
         return p.data.detach().float().cpu().clone()
 
@@ -199,12 +197,9 @@ def trained_magnitudes(weight: torch.nn.Parameter) -> sharding.Shard:
     """|W| of this rank's shard, from the optimizer's fp32 master where it has one."""
     shard = sharding.local_shard(weight)
     values = shard.values
-    if sharding.is_partitioned(weight) and hasattr(weight, "_z3_optimizer"):
-        from deepspeed.utils import safe_get_local_fp32_param
-
-        master = safe_get_local_fp32_param(weight)
-        if master is not None:
-            values = master.reshape(-1)[:values.numel()]
+    master = zero.local_fp32_master(weight)
+    if master is not None:
+        values = master[:values.numel()]
     return sharding.Shard(values.detach().abs().float(), shard.offset, shard.numel)
 
 

@@ -12,6 +12,7 @@ import tempfile
 import torch
 from torch import nn
 
+from tamt_ds import sharding
 from tamt_ds.masking import MaskError, MaskSet
 from tamt_ds.models import export_name
 
@@ -59,7 +60,7 @@ def masks_for_model(raw: dict[str, torch.Tensor], model: nn.Module, masks: MaskS
             raise MaskError(f"mask file {path!r} has no mask for {key} (it has {len(raw)} entries such as "
                             f"{next(iter(raw), 'none')}): it was made for another model; pass a mask from a "
                             f"search on this model")
-        shape = tuple(site.weight.ds_shape if hasattr(site.weight, "ds_shape") else site.weight.shape)
+        shape = tuple(sharding.full_shape(site.weight))
         if tuple(raw[key].shape) != shape:
             raise MaskError(f"mask file {path!r}: {key} has shape {tuple(raw[key].shape)} but the model's is "
                             f"{shape}: it was made for another model")

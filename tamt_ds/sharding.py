@@ -11,7 +11,8 @@ Collectives run on the communication device: the accelerator's current device un
 NCCL (which refuses CPU tensors), the CPU under gloo.  Callers hand in tensors on any
 device and get the result back where their tensor lives, so no caller needs to know
 which backend runs underneath.  A test fails if another module imports
-torch.distributed.
+torch.distributed or reads ZeRO's parameter attributes (`ds_*`); the ZeRO optimizer's
+internals are behind tamt_ds/zero.py.
 """
 from __future__ import annotations
 
@@ -91,6 +92,12 @@ def local_shard(param: torch.Tensor) -> Shard:
     start = rank() * part
     valid = max(0, min(part, param.ds_numel - start))
     return Shard(param.ds_tensor.data.view(-1)[:valid], start, param.ds_numel)
+
+
+def local_partition(param: torch.Tensor) -> torch.Tensor:
+    """This rank's whole partition of a ZeRO-3 parameter, padding included (live storage:
+    the training-dtype copy the forward gathers)."""
+    return param.ds_tensor.data
 
 
 def shards_are_disjoint(params) -> bool:

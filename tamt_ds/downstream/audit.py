@@ -4,18 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tamt_ds import sharding
+from tamt_ds import sharding, zero
 from tamt_ds.downstream.fixed_mask import FixedMask, tamt_matrices
 
 
 def _local_fp32_master(weight: torch.Tensor, n: int) -> torch.Tensor | None:
     """This rank's slice of the optimizer's fp32 copy of a ZeRO-3 weight (None elsewhere)."""
-    if not sharding.is_partitioned(weight) or not hasattr(weight, "_z3_optimizer"):
-        return None
-    from deepspeed.utils import safe_get_local_fp32_param
-
-    master = safe_get_local_fp32_param(weight)
-    return None if master is None else master.reshape(-1)[:n]
+    master = zero.local_fp32_master(weight)
+    return None if master is None else master[:n]
 
 
 @torch.no_grad()

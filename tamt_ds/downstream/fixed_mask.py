@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tamt_ds import sharding
+from tamt_ds import sharding, zero
 from tamt_ds.downstream.arguments import FinetuneArguments, MaskSpec
 from tamt_ds.downstream.tasks import TaskSpec
 from tamt_ds.masking import TAMT_PATTERNS, MaskError, initial_keep
@@ -89,11 +89,9 @@ class FixedMask:
         accumulation boundary (the gradient summed over its micro-batches), before the step."""
         for m in self.matrices:
             if sharding.is_partitioned(m.weight):  # ZeRO-3 holds this rank's partition of the gradient
-                from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
-
-                grad = safe_get_local_grad(m.weight)  # on the accelerator, even with offload
+                grad = zero.local_grad(m.weight)  # on the accelerator, even with offload
                 grad.view(-1)[:m.keep.numel()].mul_(m.keep.to(grad.device, non_blocking=True))  # beyond: padding
-                safe_set_local_grad(m.weight, grad)
+                zero.set_local_grad(m.weight, grad)
             elif m.weight.grad is not None:
                 m.weight.grad.mul_(m.keep.view_as(m.weight.grad))
             else:

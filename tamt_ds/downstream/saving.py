@@ -7,7 +7,7 @@ import tempfile
 import torch
 from torch import nn
 
-from tamt_ds import sharding
+from tamt_ds import sharding, zero
 from tamt_ds.export import replace_dir
 from tamt_ds.models import task_model_class, zero3_init
 
@@ -16,10 +16,8 @@ from tamt_ds.models import task_model_class, zero3_init
 def full_weight(p: nn.Parameter) -> torch.Tensor:
     """The full tensor of a parameter (collective): the optimizer's fp32 copy when it
     has one (bf16 training keeps the exact weights there), else the gathered parameter."""
-    if sharding.is_partitioned(p) and p.requires_grad and hasattr(p, "_z3_optimizer"):
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return safe_get_full_fp32_param(p).reshape(p.ds_shape).cpu()
+    if p.requires_grad and zero.has_fp32_master(p):
+        return zero.full_fp32_master(p).cpu()
     with sharding.gathered([p]):
         return p.data.detach().float().cpu().clone()
 
