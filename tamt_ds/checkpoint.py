@@ -248,7 +248,8 @@ def _engine_state(engine) -> dict:
     return {
         "params": params,
         "optimizer": {"per_element": per_element, "scalars": scalars,
-                      "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in zero.optimizer_param_groups(engine)]},
+                      "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                       for g in zero.optimizer_param_groups(engine)]},
         "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "loss_scaler": zero.loss_scaler_state(engine),
         "counters": zero.engine_counters(engine),
