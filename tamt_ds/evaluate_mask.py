@@ -7,7 +7,7 @@ where the checkpoint has a pre-trained MLM head, MLM loss and accuracy.
 
 Masks of the search, IMP and the baselines all go through the same code: a mask.pt
 (exactly as written, whatever its per-matrix counts), omp:S, random:S (seeded), or none.
-The measures are the search's own (`objectives.kd_loss`, `teacher_hidden_states`,
+The measures are the search's own (`objectives.kd_loss_sum`, `teacher_hidden_states`,
 `mlm_accuracy`, `data.corpus.build_validation_batches`): KD = mean over layers of mean
 over real tokens of 1 - cos(h_masked, h_dense), on uncorrupted text; MLM on the same
 blocks with the 80/10/10 corruption, the head's tied decoder reading the unmasked
@@ -30,7 +30,7 @@ from tamt_ds.data.corpus import CorpusArguments, build_validation_batches, defau
 from tamt_ds.maskfile import masks_for_model, read_mask_file, save_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, MaskSet, attach_masks, parse_baseline
 from tamt_ds.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_path
-from tamt_ds.objectives import kd_loss, mlm_accuracy, teacher_hidden_states
+from tamt_ds.objectives import kd_loss_sum, mlm_accuracy, teacher_hidden_states
 from tamt_ds.errors import InputError
 
 
@@ -168,22 +168,21 @@ def set_mask(masks: MaskSet, model, choice: MaskChoice, mask_file: dict | None, 
 @torch.no_grad()
 def measure(engine, masks: MaskSet, clean: list, teachers: list, corrupted: list | None, device) -> dict:
     """KD loss against the cached dense hidden states (and MLM loss / accuracy), over all ranks."""
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # kd, batches, tokens, mlm loss, correct, predicted
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # kd summed over tokens, tokens, mlm loss, correct, predicted
     for batch, teacher in zip(clean, teachers):
         batch = to_device(batch, device)
         student = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          output_hidden_states=True)
-        sums[0] += kd_loss(student.hidden_states, teacher, batch["attention_mask"]).double()
-        sums[1] += 1
-        sums[2] += batch["attention_mask"].sum()
+        sums[0] += kd_loss_sum(student.hidden_states, teacher, batch["attention_mask"])
+        sums[1] += batch["attention_mask"].sum()
     for batch in corrupted or []:
-        sums[3:] += torch.stack(mlm_accuracy(engine, to_device(batch, device))).double()
+        sums[2:] += torch.stack(mlm_accuracy(engine, to_device(batch, device))).double()
     sums = sharding.all_reduce_(sums).cpu()
-    out = {"kd_loss": float(sums[0] / max(sums[1], 1)), "tokens": int(sums[2]),
+    out = {"kd_loss": float(sums[0] / max(sums[1], 1)), "tokens": int(sums[1]),
            "mlm_loss": None, "mlm_accuracy": None}
     if corrupted is not None:
-        out["mlm_loss"] = float(sums[3] / max(sums[5], 1))
-        out["mlm_accuracy"] = float(sums[4] / max(sums[5], 1))
+        out["mlm_loss"] = float(sums[2] / max(sums[4], 1))
+        out["mlm_accuracy"] = float(sums[3] / max(sums[4], 1))
     out["sparsity"] = masks.stats(update_last=False)["sparsity"]
     return out
 

@@ -26,6 +26,18 @@ def kd_loss(student_hidden, teacher_hidden, attention_mask) -> torch.Tensor:
     return torch.stack(per_layer).mean()
 
 
+def kd_loss_sum(student_hidden, teacher_hidden, attention_mask) -> torch.Tensor:
+    """kd_loss summed over the real tokens instead of averaged (float64, 0 without a real token).
+
+    Summed over batches and ranks and divided by their real tokens, it is the KD loss of the
+    whole held-out set, whatever its split into batches and ranks (a mean of per-batch means
+    would weigh a short batch like a full one)."""
+    real = attention_mask.bool()
+    per_layer = [1.0 - F.cosine_similarity(hs[real].float(), ht[real].float(), dim=-1)
+                 for hs, ht in zip(student_hidden[1:], teacher_hidden[1:])]
+    return torch.stack(per_layer).double().mean(0).sum()
+
+
 def _backbone_kwargs(batch):
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 

@@ -26,7 +26,7 @@ from tamt_ds.maskfile import read_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, check_settings, prepare_search
 from tamt_ds.models import DEFAULT_MODEL, enable_gradient_checkpointing, load_model, load_tokenizer, random_weights_note
 from tamt_ds.monitor import Monitor, memory_mb
-from tamt_ds.objectives import OBJECTIVES, compute_loss, kd_loss, mlm_accuracy, teacher_hidden_states
+from tamt_ds.objectives import OBJECTIVES, compute_loss, kd_loss_sum, mlm_accuracy, teacher_hidden_states
 
 
 SEARCH_MAX_SEQ_LENGTH = 32  # tokens per block of the default search (CorpusArguments' default is 64)
@@ -138,13 +138,13 @@ def start_output_dir(args: SearchArguments, config: dict) -> None:
 def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
     """KD loss (and MLM loss/accuracy with a head) of the current subnetwork on the fixed held-out set."""
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # kd_sum, kd_batches, mlm_loss_sum, mlm_correct, mlm_count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # kd_sum, real tokens, mlm_loss_sum, mlm_correct, mlm_count
     for batch in batches:
         batch = to_device(batch, device)
         teacher = teacher_hidden_states(model, masks, batch)
         student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        sums[0] += kd_loss(student.hidden_states, teacher, batch["attention_mask"]).double()
-        sums[1] += 1
+        sums[0] += kd_loss_sum(student.hidden_states, teacher, batch["attention_mask"])
+        sums[1] += batch["attention_mask"].sum()
         if "mlm" in objective:
             sums[2:] += torch.stack(mlm_accuracy(model, batch)).double()
     model.train()

@@ -104,6 +104,22 @@ def write_parquet(path: Path, docs: list[str], field: str = "text", row_group_si
     return path
 
 
+def hub_repo(root: Path, train: list[str], validation: list[str] | None = None) -> Path:
+    """A local dataset repository laid out as on the hub (wikitext-103: its train split in 2
+    parquet files, per config); `--dataset_name ROOT` reads it through the hub code path."""
+    half = len(train) // 2
+    cfg = root / "wikitext-103-raw-v1"
+    cfg.mkdir(parents=True)
+    write_parquet(cfg / "train-00000-of-00002.parquet", train[:half])
+    write_parquet(cfg / "train-00001-of-00002.parquet", train[half:])
+    splits = "  - split: train\n    path: wikitext-103-raw-v1/train-*\n"
+    if validation is not None:
+        write_parquet(cfg / "validation-00000-of-00001.parquet", validation)
+        splits += "  - split: validation\n    path: wikitext-103-raw-v1/validation-*\n"
+    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: wikitext-103-raw-v1\n  data_files:\n{splits}---\n")
+    return root
+
+
 @contextlib.contextmanager
 def deadline(seconds: int):
     """Fail (instead of hanging the suite) if the block takes longer than `seconds`."""

@@ -12,6 +12,7 @@ from tamt_ds.data.sources import hub_source
 from tests.conftest_data import (
     bodies,
     deadline,
+    hub_repo,
     loader,
     make_args,
     pydoc_lines,
@@ -82,17 +83,7 @@ def test_text_column_of_jsonl_and_parquet(tmp_path, tok):
 
 
 def _hub_repo(root, with_validation=True):
-    """A local dataset repository laid out as on the hub (wikitext: parquet per config)."""
-    cfg = root / "wikitext-103-raw-v1"
-    cfg.mkdir(parents=True)
-    write_parquet(cfg / "train-00000-of-00002.parquet", DOCS[:120])
-    write_parquet(cfg / "train-00001-of-00002.parquet", DOCS[120:])
-    splits = "  - split: train\n    path: wikitext-103-raw-v1/train-*\n"
-    if with_validation:
-        write_parquet(cfg / "validation-00000-of-00001.parquet", pydoc_lines("validation")[:80])
-        splits += "  - split: validation\n    path: wikitext-103-raw-v1/validation-*\n"
-    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: wikitext-103-raw-v1\n  data_files:\n{splits}---\n")
-    return root
+    return hub_repo(root, DOCS, pydoc_lines("validation")[:80] if with_validation else None)
 
 
 def test_hub_dataset_path_with_hub_layout(tmp_path, tok):

@@ -103,6 +103,10 @@ class CorpusArguments:
         default="line", metadata={"help": "Plain-text documents: 'line' (one per line), 'paragraph' (blank-line separated) or 'document' (one per file)."}
     )
     validation_split: str | None = field(default="validation", metadata={"help": "Hub split used as validation set when it exists."})
+    allow_hub_strided: bool = field(
+        default=False, metadata={"help": "Stream a hub dataset with fewer data files than readers anyway: every reader "
+                                 "downloads the whole split each epoch. Default: refuse, naming python -m tamt_ds.data.prepare."}
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +458,25 @@ def _check_common(args: CorpusArguments, batch_size: int, rank: int, world_size:
         raise CorpusError(f"dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
 
 
+def _check_hub_files(specs: list[SourceSpec], opened: list, num_readers: int, world_size: int, allowed: bool) -> None:
+    """Refuse, at start, a hub source that every reader would stream whole (strided mode).
+
+    A warning is not enough: at 64 readers it is 64 downloads of the split per epoch, and a
+    hub time-out in any of them ends its rank hours into the run. `prepare` fixes it once."""
+    for spec, ds in zip(specs, opened):
+        if spec.builder != "hub" or ds.num_shards >= num_readers or allowed:
+            continue
+        config = f" --dataset_config_name {spec.hub_config}" if spec.hub_config else ""
+        split = f" --dataset_split {spec.split}" if spec.split != "train" else ""
+        raise CorpusError(
+            f"hub dataset {spec.label!r} has {ds.num_shards} data file(s) for {num_readers} readers (world_size "
+            f"{world_size} x {num_readers // world_size} workers), so every reader would stream the whole split each "
+            f"epoch; write it to shared storage once in {num_readers} shards with `python -m tamt_ds.data.prepare "
+            f"--dataset_name {spec.label}{config}{split} --num_shards {num_readers} --output_dir DIR` and train "
+            "with --train_files DIR (or pass --allow_hub_strided to stream it anyway)"
+        )
+
+
 def _check_enough_text(plan: _Plan) -> None:
     """Fail at build time, not in a hang, when the corpus cannot give every reader a block.
 
@@ -491,6 +514,7 @@ def build_block_loader(
     encoder = TextEncoder(tokenizer)
     specs, weights = _train_sources(args)
     opened = [open_source(s) for s in specs]
+    _check_hub_files(specs, opened, world_size * max(1, args.dataloader_num_workers), world_size, args.allow_hub_strided)
     mode, _ = _validation_plan(args, specs)
     held_out = None
     if mode == "carve":

@@ -6,9 +6,11 @@ shard it used. The training readers skip exactly those (`ReaderShare.skips`), so
 held-out text is never trained on, and both sides compute the carve the same way from
 the same arguments -- no file to share between them.
 
-The set is split over ranks in equal contiguous parts (blocks beyond a multiple of the
-world size are left out), so every rank runs the same number of evaluation batches and
-collectives inside the evaluation loop line up.
+The set is dealt over ranks in contiguous parts of ceil(n / W) or floor(n / W) blocks, every
+block to exactly one rank, at any world size (more ranks than blocks included). Every rank
+runs the same number of evaluation batches -- each forward gathers ZeRO-3 partitions, a
+collective, so a rank that ran fewer forwards would leave the others waiting: a rank short
+of the most batches ends with padding batches, which every measure counts as nothing.
 """
 
 from __future__ import annotations
@@ -91,16 +93,14 @@ def rank_batches(
     seed: int,
     masking: MaskingSpec | None,
 ) -> list[dict[str, torch.Tensor]]:
-    per_rank = len(input_ids) // world_size
-    if per_rank == 0:
-        raise CorpusError(
-            f"the validation set has {len(input_ids)} blocks, fewer than one per rank (world_size={world_size}); "
-            "raise --validation_blocks or give a longer validation source"
-        )
-    lo = rank * per_rank
+    """This rank's blocks [rank * n // W, (rank + 1) * n // W) in batches, then padding batches
+    up to the number of batches of the ranks with the most blocks."""
+    n = len(input_ids)
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    most = -(-n // world_size)  # ceil(n / W): the blocks of the fullest ranks
     batches = []
-    for start in range(lo, lo + per_rank, batch_size):
-        stop = min(start + batch_size, lo + per_rank)
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
         ids = np.stack(input_ids[start:stop])
         mask = np.stack(attention_mask[start:stop])
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
@@ -109,4 +109,16 @@ def rank_batches(
             corrupted, labels = corrupt(ids, mask, range(start, stop), seed=seed, stream=VALIDATION_STREAM, spec=masking)
             batch = {"input_ids": torch.from_numpy(corrupted), "attention_mask": batch["attention_mask"], "labels": torch.from_numpy(labels)}
         batches.append(batch)
+    while len(batches) < -(-most // batch_size):
+        batches.append(padding_batch(input_ids[0], with_labels=masking is not None))
     return batches
+
+
+def padding_batch(block: np.ndarray, *, with_labels: bool) -> dict[str, torch.Tensor]:
+    """One block of real token ids (an ordinary forward) that no measure counts: no token is
+    real (attention_mask 0: KD and token counts skip it) and none is predicted (labels -100)."""
+    ids = torch.from_numpy(block.copy()).unsqueeze(0)
+    batch = {"input_ids": ids, "attention_mask": torch.zeros_like(ids)}
+    if with_labels:
+        batch["labels"] = torch.full_like(ids, -100)
+    return batch
