@@ -39,7 +39,10 @@ class SearchArguments:
                 "config:bert-base-uncased, config:bert-large-uncased, config:roberta-base, config:roberta-large)"})
     objective: str = field(default="kd", metadata={"help": "mlm, kd or mlm_kd"})
     sparsity: float = field(default=0.7, metadata={"help": "fraction of masked weights pruned, in [0, 1)"})
-    mask_init: str = field(default="magnitude", metadata={"help": "magnitude, random, or a mask file path"})
+    mask_init: str = field(default="magnitude", metadata={
+        "help": "magnitude, random, or a mask file path: the search starts from exactly that mask, whose pruned "
+                "counts must be the ones --sparsity prunes (per matrix, or in all with --threshold_scope global); "
+                "a file of another sparsity is refused"})
     mask_patterns: list[str] = field(default_factory=lambda: list(TAMT_PATTERNS),
                                      metadata={"help": "regexes of module names to mask"})
     threshold_scope: str = field(default="per_matrix", metadata={"help": "per_matrix (TAMT) or global"})
