@@ -4,7 +4,7 @@ A checkpoint holds only what a search changes: the trainable parameters (the sco
 an MLM head) with their optimizer state, the schedule, the thresholds, the data
 position and the RNG.  The frozen pre-trained weights are left out: a resume reloads
 them from the model the search started from, and refuses another model (a sha256 of
-its config and weight files, `model_fingerprint`).
+its config and the weight files it loads from, `model_fingerprint`).
 
     <root>/step<N>/rank<r>.pt      rank r's slice of each trainable parameter and of its
                                    optimizer state (fp32), with the slice's flat offset;
@@ -27,6 +27,7 @@ not the one `latest` names.
 """
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import json
@@ -46,8 +47,6 @@ FORMAT_VERSION = 1
 COMPLETE = "complete.json"
 LATEST = "latest"
 _TAG = re.compile(r"^step(\d+)$")
-# Files that define a model's frozen weights (hashed for the resume check).
-_MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
 class CheckpointError(InputError):
@@ -86,13 +85,40 @@ def _model_dir(name_or_path: str) -> str | None:
         return None
 
 
+def _loaded_files(folder: str) -> list[str]:
+    """config.json and the weight files from_pretrained reads from a model folder, in
+    transformers' own order of preference (modeling_utils: `transformers_weights` named in
+    the config, model.safetensors, its sharded index, pytorch_model.bin, its index; an index
+    with its shards).  Other weight files beside them (a pytorch_model.bin that
+    evaluate_mask fetched into a hub snapshot holding model.safetensors) are not the model."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    config = os.path.join(folder, "config.json")
+    explicit = None
+    if os.path.isfile(config):
+        with open(config) as f:
+            explicit = json.load(f).get("transformers_weights")
+    preference = [explicit] if explicit else [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME]
+    for name in preference:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        weights = [path]
+        if name.endswith(".index.json"):
+            with open(path) as f:
+                weights += [os.path.join(folder, shard) for shard in set(json.load(f)["weight_map"].values())]
+        return sorted([config, *weights] if os.path.isfile(config) else weights)
+    return [config] if os.path.isfile(config) else []
+
+
 def model_fingerprint(name_or_path: str) -> dict:
-    """{"name", "sha256"}: sha256 over the model's config and weight files, None where the
-    model has no files on disk.  Computed on rank 0, the same answer on every rank."""
+    """{"name", "sha256"}: sha256 over the model's config and the weight files it loads
+    from, None where the model has no files on disk.  Computed on rank 0, the same answer
+    on every rank."""
     digest = None
     if sharding.rank() == 0:
         folder = _model_dir(name_or_path)
-        files = sorted({f for p in _MODEL_FILES for f in glob.glob(os.path.join(folder, p))}) if folder else []
+        files = _loaded_files(folder) if folder else []
         if files:
             h = hashlib.sha256()
             for f in files:

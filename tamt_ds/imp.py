@@ -5,7 +5,8 @@
         -> MLM head: carried over from the last round -> fresh engine (new optimizer, new schedule)
         -> train all weights for --prune_interval steps (the mask fixed)
         -> prune --prune_fraction of each matrix's ORIGINAL entries more, smallest |trained W| among the kept ones
-        -> OUTPUT/<level>/mask.pt (+ the MLM head and the data position, so a killed run resumes at this level)
+        -> OUTPUT/<level>/mask.pt (+ the MLM head and every rank's data position, so a killed run resumes
+           at this level, on any number of ranks)
 
 The baseline of Chen et al. 2020 ("The Lottery Ticket Hypothesis for Pre-trained BERT
 Networks") as the TAMT paper runs it: MLM training of all weights, 10% of the original
@@ -149,6 +150,23 @@ def start_output_dir(args: IMPArguments, all_levels: list[float], config: dict) 
     sharding.barrier()
 
 
+# One file of every rank's data position after a level, in rank order: a resume on any
+# number of ranks reads them all and re-deals the rest of the epoch (as the search's
+# checkpoints do), instead of each rank reading back its own.
+DATA_POSITIONS = "data_positions.pt"
+
+
+def read_data_positions(level_folder: str) -> list[dict]:
+    path = os.path.join(level_folder, DATA_POSITIONS)
+    if os.path.isfile(path):
+        return torch.load(path, weights_only=False)
+    old, r = [], 0  # a level written before DATA_POSITIONS: data_rank<r>.pt, one per rank
+    while os.path.isfile(os.path.join(level_folder, f"data_rank{r}.pt")):
+        old.append(torch.load(os.path.join(level_folder, f"data_rank{r}.pt"), weights_only=False))
+        r += 1
+    return old
+
+
 # ------------------------------------------------------------------ one round's model
 
 
@@ -262,7 +280,7 @@ def imp(args: IMPArguments, data: CorpusArguments) -> dict:
         last = level_dir(args.output_dir, all_levels[done - 1])
         mask_file = read_mask_file(os.path.join(last, "mask.pt"))
         head_state = torch.load(os.path.join(last, "mlm_head.pt"), map_location="cpu", weights_only=True)
-        loader.load_state_dict(torch.load(os.path.join(last, f"data_rank{rank}.pt"), weights_only=False))
+        loader.load_state_dict(read_data_positions(last))  # re-dealt if the world size changed
     start_output_dir(args, all_levels, {"imp": dataclasses.asdict(args), "data": dataclasses.asdict(data),
                                         "deepspeed": ds_config, "world_size": world, "levels": all_levels})
     monitor = Monitor(args.output_dir, total_steps=len(all_levels) * args.prune_interval,
@@ -328,13 +346,14 @@ def run_round(args: IMPArguments, ds_config: dict, r: int, level: float, mask_fi
     head_state = {name: full_tensor(p) for name, p in head.items()}  # collective
     out = level_dir(args.output_dir, level)
     os.makedirs(out, exist_ok=True)
-    atomic_torch_save(loader.state_dict(), os.path.join(out, f"data_rank{sharding.rank()}.pt"))
+    positions = sharding.gather_objects(loader.state_dict())  # collective; every rank's, in rank order
     summary = {"level": level, "round": r, "steps": args.prune_interval, "sparsity": stats["sparsity"],
                "per_matrix_sparsity": {k: v["sparsity"] for k, v in stats["per_matrix"].items()},
                **{k.replace("eval/", "round_eval_"): v for k, v in scores.items()},
                "round_time_s": time.perf_counter() - t0}
     if sharding.rank() == 0:
         atomic_torch_save(head_state, os.path.join(out, "mlm_head.pt"))
+        atomic_torch_save(positions, os.path.join(out, DATA_POSITIONS))
         checkpoint.atomic_write_text(os.path.join(out, "level.json"), json.dumps(summary, indent=2))
     sharding.barrier()
     if sharding.rank() == 0:  # last: a level with mask.pt is finished (resume and the study rely on it)

@@ -234,6 +234,24 @@ class MaskSet:
         self.fixed_k = [int((~mask_file[s.name].bool()).sum()) for s in self.sites]
         self.sparsity = sum(self.fixed_k) / sum(mask_file[s.name].numel() for s in self.sites)
 
+    def require_counts_of(self, mask_file: dict[str, torch.Tensor], path: str) -> None:
+        """A search started from a given mask starts from exactly that mask and keeps its own
+        --sparsity: refuse a file whose pruned counts are not the ones --sparsity prunes (per
+        matrix, or over all matrices for global scope), which the first reset would re-cut."""
+        pruned = [int((~mask_file[s.name].bool()).sum()) for s in self.sites]
+        numel = [mask_file[s.name].numel() for s in self.sites]
+        have = f"(sparsity {sum(pruned) / sum(numel):.4f} over all masked matrices)"
+        if self.scope == "global" and sum(pruned) != int(sum(numel) * self.sparsity):
+            raise MaskError(f"--mask_init {path} prunes {sum(pruned)} of {sum(numel)} masked weights {have}, "
+                            f"--sparsity {self.sparsity} prunes {int(sum(numel) * self.sparsity)}: pass the file's "
+                            f"--sparsity, or another mask file")
+        for site, p, n in zip(self.sites, pruned, numel):
+            if self.scope == "per_matrix" and p != int(n * self.sparsity):
+                raise MaskError(f"--mask_init {path} prunes {p} of {n} entries of {site.name} {have}, --sparsity "
+                                f"{self.sparsity} prunes {int(n * self.sparsity)} of each matrix: pass the file's "
+                                f"--sparsity (--threshold_scope global for a mask with other counts per matrix)")
+        self.fixed_k = pruned  # the initial cut is the file's own (global scope: its own split over matrices)
+
     # ---- thresholds -------------------------------------------------------------
     def reset_thresholds(self) -> None:
         """tau := k-th smallest score (per matrix or over all), exact under ZeRO-3."""
@@ -368,7 +386,9 @@ def prepare_search(model: nn.Module, *, sparsity: float, patterns: Iterable[str]
     if mask_file is not None:
         from tamt_ds.maskfile import masks_for_model  # maskfile builds on this module
 
-        masks.init_scores("file", seed=seed, mask_file=masks_for_model(mask_file, model, masks, init))
+        file_masks = masks_for_model(mask_file, model, masks, init)
+        masks.require_counts_of(file_masks, init)
+        masks.init_scores("file", seed=seed, mask_file=file_masks)
     else:
         masks.init_scores(init, seed=seed)
     for p in head:

@@ -39,7 +39,10 @@ class SearchArguments:
                 "config:bert-base-uncased, config:bert-large-uncased, config:roberta-base, config:roberta-large)"})
     objective: str = field(default="kd", metadata={"help": "mlm, kd or mlm_kd"})
     sparsity: float = field(default=0.7, metadata={"help": "fraction of masked weights pruned, in [0, 1)"})
-    mask_init: str = field(default="magnitude", metadata={"help": "magnitude, random, or a mask file path"})
+    mask_init: str = field(default="magnitude", metadata={
+        "help": "magnitude, random, or a mask file path: the search starts from exactly that mask, whose pruned "
+                "counts must be the ones --sparsity prunes (per matrix, or in all with --threshold_scope global); "
+                "a file of another sparsity is refused"})
     mask_patterns: list[str] = field(default_factory=lambda: list(TAMT_PATTERNS),
                                      metadata={"help": "regexes of module names to mask"})
     threshold_scope: str = field(default="per_matrix", metadata={"help": "per_matrix (TAMT) or global"})
@@ -136,17 +139,20 @@ def start_output_dir(args: SearchArguments, config: dict) -> None:
 
 @torch.no_grad()
 def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
-    """KD loss (and MLM loss/accuracy with a head) of the current subnetwork on the fixed held-out set."""
+    """KD loss (and MLM loss/accuracy with a head) of the current subnetwork on the fixed held-out set.
+    The training run's RNG is left as it was: the search does not depend on --eval_steps."""
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # kd_sum, real tokens, mlm_loss_sum, mlm_correct, mlm_count
-    for batch in batches:
-        batch = to_device(batch, device)
-        teacher = teacher_hidden_states(model, masks, batch)
-        student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        sums[0] += kd_loss_sum(student.hidden_states, teacher, batch["attention_mask"])
-        sums[1] += batch["attention_mask"].sum()
-        if "mlm" in objective:
-            sums[2:] += torch.stack(mlm_accuracy(model, batch)).double()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        for batch in batches:
+            batch = to_device(batch, device)
+            teacher = teacher_hidden_states(model, masks, batch)
+            student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=True)
+            sums[0] += kd_loss_sum(student.hidden_states, teacher, batch["attention_mask"])
+            sums[1] += batch["attention_mask"].sum()
+            if "mlm" in objective:
+                sums[2:] += torch.stack(mlm_accuracy(model, batch)).double()
     model.train()
     sums = sharding.all_reduce_(sums).cpu()
     out = {"eval/kd_loss": float(sums[0] / max(sums[1], 1))}
@@ -240,10 +246,15 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
             monitor.log(step, evaluate(engine, masks, eval_batches, device, args.objective))
         if step % args.save_steps == 0 or step == args.max_steps:
             diverged.check(kept=f"checkpoints saved before it stay in {ckpt_root}")
-            masks.reset_thresholds()  # a saved mask always has exactly the target sparsity
+            # The live thresholds, not reset here: a save must not change the search (a run
+            # saved every 7 steps and one saved every 1000 end with the same mask), and a
+            # resume goes on with exactly the thresholds the run had.
             checkpoint.save(engine, ckpt_root, step, {"cuts": masks.cuts()}, data=loader.state_dict(), model=model_id,
                             keep=args.save_total_limit)
 
+    # The search is over: the exported mask is cut at exactly the target sparsity (between
+    # resets the live thresholds let it drift), whatever step the last reset fell on.
+    masks.reset_thresholds()
     final = masks.stats(update_last=False)
     export_search_outputs(args.output_dir, model, masks, args.model_name_or_path, tokenizer)
     monitor.write(f"done: sparsity {final['sparsity']:.4f}, distance to initial mask {final['distance_to_init']:.4f}; "

@@ -97,3 +97,30 @@ def test_model_fingerprint_hashes_config_and_weights(tiny_bert, tmp_path):
     (copy / "config.json").write_text((copy / "config.json").read_text().replace("0.0", "0.1"))
     assert checkpoint.model_fingerprint(str(copy))["sha256"] != a["sha256"]
     assert checkpoint.model_fingerprint("config-only-name") == {"name": "config-only-name", "sha256": None}
+
+
+def test_fingerprint_covers_the_files_the_model_loads_from(tiny_bert, tmp_path):
+    """A weight file transformers does not load (a pytorch_model.bin evaluate_mask fetched beside
+    model.safetensors) leaves the fingerprint alone; a change to the loaded file changes it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    assert (model / "model.safetensors").exists() and not (model / "pytorch_model.bin").exists()
+    before = checkpoint.model_fingerprint(str(model))
+    assert before["sha256"]
+    state = load_file(str(model / "model.safetensors"))
+    import torch
+
+    torch.save({k: v + 1 for k, v in state.items()}, model / "pytorch_model.bin")
+    assert checkpoint.model_fingerprint(str(model)) == before
+    key = next(k for k in state if k.endswith("query.weight"))
+    state[key][0, 0] += 1
+    save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert checkpoint.model_fingerprint(str(model))["sha256"] != before["sha256"]
+    (model / "model.safetensors").unlink()  # now from_pretrained reads pytorch_model.bin
+    only_bin = checkpoint.model_fingerprint(str(model))["sha256"]
+    torch.save({k: v + 2 for k, v in state.items()}, model / "pytorch_model.bin")
+    assert checkpoint.model_fingerprint(str(model))["sha256"] not in (only_bin, before["sha256"])

@@ -42,13 +42,15 @@ def zero3_run(tiny_bert_mlm, tmp_path_factory):
     return out
 
 
-def reference_imp(model_dir: str, *, given=None, rewind: bool = True):
-    """Plain PyTorch, one process: the same batches (both ranks' shares of each step, their
+def reference_imp(model_dir: str, *, given=None, rewind: bool = True, after=None, world_size: int = 2):
+    """Plain PyTorch, one process: the same batches (every rank's share of each step, their
     losses averaged as DeepSpeed averages gradients), AdamW + linear decay + clipping, masks by
     torch.nn.utils.prune (weight = weight_orig * mask; the tied decoder keeps weight_orig).
 
     given=(masks, heads) of a run: each round starts from that run's previous level (mask and
     MLM head), so every round is checked on its own and float noise cannot compound.
+    after=(level, positions), with given: only the rounds after that level, the data read on
+    from `positions` (every rank's saved data position) by `world_size` ranks' streams.
     Returns per level: the mask, the MLM head, and the ranked |W| with the cut value."""
     import torch.nn.utils.prune as tprune
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
@@ -60,8 +62,12 @@ def reference_imp(model_dir: str, *, given=None, rewind: bool = True):
     data = CorpusArguments(train_files=default_train_files(), mix_weights=DEFAULT_MIX_WEIGHTS, max_seq_length=SEQ,
                            validation_blocks=8, validation_files=default_validation_files())
     tok = AutoTokenizer.from_pretrained(model_dir)
-    streams = [iter(build_block_loader(data, tok, batch_size=BATCH, rank=r, world_size=2, seed=SEED, mlm=True))
-               for r in range(2)]
+    streams = []
+    for rank in range(world_size):
+        loader = build_block_loader(data, tok, batch_size=BATCH, rank=rank, world_size=world_size, seed=SEED, mlm=True)
+        if after is not None:
+            loader.load_state_dict(after[1])
+        streams.append(iter(loader))
     pooler = AutoModel.from_pretrained(model_dir).pooler.dense.weight.detach()  # never on the MLM loss path
     regexes = [re.compile(p) for p in TAMT_PATTERNS]
 
@@ -77,6 +83,8 @@ def reference_imp(model_dir: str, *, given=None, rewind: bool = True):
     keep, head_state, out = None, None, {}
     model = None
     for r, lv in enumerate(LEVELS, start=1):
+        if after is not None and r <= LEVELS.index(after[0]) + 1:
+            continue
         level = float(lv)
         if given is not None and r > 1:
             prev = LEVELS[r - 2]
@@ -122,8 +130,11 @@ def read_heads(out):
 
 def test_matches_plain_pytorch_reference(zero3_run, tiny_bert_mlm):
     ours, heads = read_masks(zero3_run), read_heads(zero3_run)
-    ref = reference_imp(tiny_bert_mlm, given=(ours, heads))
-    for lv in LEVELS:
+    assert_like_reference(ours, heads, reference_imp(tiny_bert_mlm, given=(ours, heads)), LEVELS)
+
+
+def assert_like_reference(ours, heads, ref, levels):
+    for lv in levels:
         assert ours[lv].keys() == ref[lv]["masks"].keys()
         assert len(ours[lv]) == 6 * 2 + 2  # TAMT's matrices: 6 x 2 layers + pooler + word embeddings
         for key, keep in ours[lv].items():
@@ -203,6 +214,23 @@ def test_resume_after_kill_gives_identical_masks(tmp_path):
     rows = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
     rounds = [r["imp/round"] for r in rows if "train/mlm_loss" in r]
     assert rounds[-6:] == [2] * 3 + [3] * 3 and rounds.count(1) <= 3
+
+
+def test_resume_on_another_world_size(tiny_bert_mlm, tmp_path):
+    """Level 0.1 on 2 ranks, then --resume on 1: both ranks' data positions are re-dealt to the one
+    rank, and rounds 2-3 equal a one-process reference started from level 0.1 and that position."""
+    out = tmp_path / "run"
+    torchrun(LAUNCHER, *imp_args(tiny_bert_mlm, out, "--max_sparsity", "0.1"))
+    first = (out / "0.1" / "mask.pt").stat().st_mtime_ns
+    proc = torchrun(LAUNCHER, *imp_args(tiny_bert_mlm, out, "--resume"), nproc=1)
+    assert "world size 1" in proc.stdout + proc.stderr and "resuming after level 0.1" in proc.stdout + proc.stderr
+    assert (out / "0.1" / "mask.pt").stat().st_mtime_ns == first  # the finished level was not redone
+    positions = [torch.load(out / lv / "data_positions.pt", weights_only=False) for lv in LEVELS]
+    assert [len(p) for p in positions] == [2, 1, 1]  # every rank's, written once per level
+    assert sum(p["blocks_seen"] for p in positions[-1]) == (2 + 1 + 1) * INTERVAL * BATCH  # the position carried over
+    ours, heads = read_masks(out), read_heads(out)
+    ref = reference_imp(tiny_bert_mlm, given=(ours, heads), after=("0.1", positions[0]), world_size=1)
+    assert_like_reference(ours, heads, ref, LEVELS[1:])
 
 
 def test_bad_input_one_line(tmp_path, tiny_bert_mlm):

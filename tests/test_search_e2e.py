@@ -152,6 +152,26 @@ def test_resume_after_kill_is_exact(tiny_bert_dropout, dropout_run, tmp_path):
     assert full[24]["mask/distance_to_init"] > 0  # the masks really moved
 
 
+def test_mask_does_not_depend_on_save_log_or_eval_steps(tiny_bert_dropout, dropout_run, tmp_path):
+    """The same search saved, logged and evaluated at other steps (dropout drawing from the RNG
+    all along; dropout_run saves every 4 steps, between resets every 3): the same mask.pt and
+    the same final scores, bit for bit."""
+    other = tmp_path / "other"
+    torchrun(LAUNCHER, *common(tiny_bert_dropout, other, *RESUME_STEPS, "--save_steps", "1000", "--logging_steps", "5",
+                               "--eval_steps", "7"))
+    a = torch.load(dropout_run / "mask.pt", weights_only=True)
+    b = torch.load(other / "mask.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for rank in (0, 1):  # both runs save the last step: the scores the masks come from
+        sa = torch.load(dropout_run / "checkpoints" / "step24" / f"rank{rank}.pt", weights_only=False)
+        sb = torch.load(other / "checkpoints" / "step24" / f"rank{rank}.pt", weights_only=False)
+        assert sa["state"] == sb["state"]  # the live thresholds
+        for name, entry in sa["params"].items():
+            assert torch.equal(entry["fp32"], sb["params"][name]["fp32"]), name
+
+
 def test_checkpoints_hold_no_frozen_weights_and_only_the_newest_two(dropout_run):
     ckpt = dropout_run / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step20", "step24"]  # --save_total_limit 2

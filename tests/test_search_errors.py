@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tamt_ds.search import main
 from tests.conftest import ROOT
@@ -82,3 +83,42 @@ def test_output_dir_of_another_run_is_refused_and_kept(tiny_bert, tmp_path, caps
     assert code == 2 and "--overwrite_output_dir" in err[-1], err
     assert (out / "mask.pt").read_bytes() == b"precious"
     assert json.loads((out / "run_config.json").read_text()) == {"other": "run"}
+
+
+def _random_mask_file(model_dir, path, sparsity: float) -> dict:
+    from tamt_ds.maskfile import save_mask_file
+    from tamt_ds.masking import attach_masks
+    from tamt_ds.models import load_model
+
+    model = load_model(model_dir, with_mlm_head=False)
+    masks = attach_masks(model, sparsity=sparsity)
+    masks.init_scores("random", seed=7)
+    save_mask_file(masks.full_masks(), model, str(path))
+    return torch.load(path, weights_only=True)
+
+
+def test_mask_init_file_of_another_sparsity_is_refused(tiny_bert, tmp_path, capsys):
+    """A file pruning 50% given to a 70% search: refused, not silently re-cut to 70%."""
+    _random_mask_file(tiny_bert, tmp_path / "m50.pt", 0.5)
+    code, err = run_main(base(tiny_bert, tmp_path / "out") + ["--mask_init", str(tmp_path / "m50.pt"),
+                                                              "--sparsity", "0.7"], capsys)
+    assert code == 2 and len([l for l in err if l.startswith("error:")]) == 1, err
+    assert "sparsity 0.5000" in err[-1] and "--sparsity 0.7 prunes" in err[-1] and "pass the file's" in err[-1], err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_mask_init_file_is_the_starting_mask(tiny_bert, tmp_path):
+    """2 ranks, ZeRO-3: a random 70% mask file given to a 70% search with learning rate 0 comes
+    out exactly as given (the initial mask is the file's, sharded, and nothing re-cut it)."""
+    from tests.conftest import torchrun
+
+    given = _random_mask_file(tiny_bert, tmp_path / "m70.pt", 0.7)
+    out = tmp_path / "out"
+    torchrun(ROOT / "launchers" / "search.py", *base(tiny_bert, out), "--mask_init", str(tmp_path / "m70.pt"),
+             "--sparsity", "0.7", "--learning_rate", "0", "--logging_steps", "1")
+    got = torch.load(out / "mask.pt", weights_only=True)
+    assert got.keys() == given.keys()
+    for key in given:
+        assert torch.equal(got[key], given[key]), key
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mask/distance_to_init"] for r in rows if "mask/distance_to_init" in r] == [0.0]
