@@ -107,8 +107,8 @@ def main(argv=None) -> int:
                                      max_seq_length=args.seq, device="cpu"))
     result = {"command": " ".join(cmd[1:]), "steps_peak_gb": steps_peak / GB, "after_steps_peak_gb": after_peak / GB,
               "process_peak_gb": whole / GB, "whole_over_steps": whole / max(steps_peak, 1),
-              "planned_phases_gb": p.phases, "planned_process_gb": p.per_rank_gb,
-              "plan_error": p.per_rank_gb / (whole / GB) - 1, "wall_s": samples[-1][0] if samples else 0,
+              "planned_phases_gb": p.phases, "planned_process_gb": p.process_per_rank_gb,
+              "plan_error": p.process_per_rank_gb / (whole / GB) - 1, "wall_s": samples[-1][0] if samples else 0,
               "end_of_steps_s": end_of_steps, **phases, "marks_s": seen, "samples": samples}
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
     if args.out:

@@ -188,7 +188,8 @@ class Part:
     name: str
     gb: float
     kind: str          # persistent | forward (transient in forward/backward) | step (transient in the step)
-                       # | load (the model load, before scores and optimizer exist) | export (after the last step)
+                       # | load (the model load, before scores and optimizer exist) | checkpoint (a save)
+                       # | export (after the last step)
     where: str         # device | host
     formula: str
 
@@ -197,10 +198,11 @@ class Part:
 class Plan:
     inputs: PlanInput
     parts: list[Part]
-    per_rank_gb: float                   # predicted peak on the device over the whole process (RSS on CPU, max allocated on GPU)
+    per_rank_gb: float                   # predicted peak of the steps on the device (RSS on CPU, max allocated on GPU)
     host_per_rank_gb: float              # offloaded parts, in host memory, per rank
     params: dict[str, int]
-    phases: dict[str, float] = field(default_factory=dict)  # the device peak of each phase: load, steps, export
+    phases: dict[str, float] = field(default_factory=dict)  # device peak of each phase: load, steps, checkpoint, export
+    process_per_rank_gb: float = 0.0     # the whole process's device peak: the largest phase
     deepspeed_estimate_gb: float | None = None
     verdict: str = ""
     fits: bool | None = None
@@ -300,6 +302,10 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
     # The export (tamt_ds/export.py) on rank 0, the engine still alive: every bool mask assembled
     # (mask.pt), then pruned_model/ one tensor at a time: the largest tensor read, its mask's
     # complement, and on N > 1 the gathered score of the matrix being assembled.
+    # A checkpoint (every --save_steps and after the last step, tamt_ds/checkpoint.py) copies each
+    # trainable entry's fp32 master and Adam moments to the host at once, then writes them.
+    add("checkpoint copies", p_train * 12 / n, "checkpoint", "device" if on_cpu else "host",
+        "P_t * (4 master + 8 Adam) / N (fp32 copies, all at once)")
     if search:
         export_where, largest_tensor = "device" if on_cpu else "host", max(tensors.values())
         add("full masks", p_scores * 1, "export", export_where, "P_s * 1 B (bool, every matrix, on rank 0)")
@@ -312,11 +318,12 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
         at_load = sum(p.gb for p in parts if p.kind == "persistent" and p.where == where
                       and p.name in ("frozen weights", "weights", "runtime"))
         return {"load": at_load + of("load"), "steps": persistent + max(of("forward"), of("step")),
-                "export": persistent + of("export")}
+                "checkpoint": persistent + of("checkpoint"), "export": persistent + of("export")}
 
     device_phases = phase_peaks("device")
-    plan = Plan(inp, parts, max(device_phases.values()), max(phase_peaks("host").values()) if not on_cpu else 0.0,
-                {"backbone_and_head": p_all, "masked": p_scores, "trainable": p_train}, phases=device_phases)
+    plan = Plan(inp, parts, device_phases["steps"], phase_peaks("host")["steps"] if not on_cpu else 0.0,
+                {"backbone_and_head": p_all, "masked": p_scores, "trainable": p_train}, phases=device_phases,
+                process_per_rank_gb=max(device_phases.values()))
     plan.deepspeed_estimate_gb = _deepspeed_estimate(p_all + p_scores, max(tensors.values()), n)
     judge(plan, zero)
     return plan
@@ -414,11 +421,12 @@ def render(plan: Plan) -> str:
              f"{'part':<18} {'GB/rank':>8}  {'when':<10} {'where':<6} formula"]
     for p in plan.parts:
         lines.append(f"{p.name:<18} {p.gb:>8.3f}  {p.kind:<10} {p.where:<6} {p.formula}")
+    lines.append(f"{'peak per rank':<18} {plan.per_rank_gb:>8.3f}  (steps: persistent + max(forward, step) transients)")
     ph = plan.phases
-    lines.append(f"{'steps':<18} {ph['steps']:>8.3f}  (persistent + max(forward, step) transients)")
     lines.append(f"{'load':<18} {ph['load']:>8.3f}  (weights + runtime + load)")
+    lines.append(f"{'checkpoint':<18} {ph['checkpoint']:>8.3f}  (persistent + checkpoint)")
     lines.append(f"{'export':<18} {ph['export']:>8.3f}  (persistent + export)")
-    lines.append(f"{'peak per rank':<18} {plan.per_rank_gb:>8.3f}  (whole process: max of steps, load, export)")
+    lines.append(f"{'whole process':<18} {plan.process_per_rank_gb:>8.3f}  (the largest of steps, load, checkpoint, export)")
     if plan.host_per_rank_gb:
         lines.append(f"{'host per rank':<18} {plan.host_per_rank_gb:>8.3f}  (offloaded)")
     if plan.deepspeed_estimate_gb is not None:

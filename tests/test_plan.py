@@ -103,22 +103,25 @@ def test_terms_are_the_documented_formulas():
     assert parts["full masks"] == pytest.approx(p_s * 1)
     assert parts["export buffers"] == pytest.approx(largest * (4 + 1) + largest * 2)  # fp32 checkpoint; N > 1
     assert parts["checkpoint read"] == pytest.approx(p_w * 4)
+    assert parts["checkpoint copies"] == pytest.approx(p_s * 12 / 4)
     where = {x.name: x.where for x in p.parts}
-    assert where["full masks"] == where["export buffers"] == where["checkpoint read"] == "host"  # a GPU run
+    assert {where[k] for k in ("full masks", "export buffers", "checkpoint read", "checkpoint copies")} == {"host"}
     persistent = sum(x.gb for x in p.parts if x.kind == "persistent")
     transients = max(sum(x.gb for x in p.parts if x.kind == k) for k in ("forward", "step"))
-    assert p.phases["steps"] == pytest.approx(persistent + transients)
+    assert p.per_rank_gb == p.phases["steps"] == pytest.approx(persistent + transients)
     assert p.phases["load"] == pytest.approx(parts["frozen weights"] / plan.GB)
-    assert p.phases["export"] == pytest.approx(persistent)  # the export's buffers are in host memory
-    assert p.per_rank_gb == max(p.phases.values())
+    # a GPU run's checkpoint copies and export buffers are in host memory
+    assert p.phases["checkpoint"] == p.phases["export"] == pytest.approx(persistent)
+    assert p.process_per_rank_gb == max(p.phases.values())
     # on CPU every phase is in the rank's resident set
     cpu = plan.estimate(plan.PlanInput(**{**inp.__dict__, "device": "cpu"}), shape=SHAPE, zero=_zero(),
                         masked_bytes=(3.0, 1.0, 2.0))
     cparts = {x.name: x.gb for x in cpu.parts}
     cpersistent = sum(x.gb for x in cpu.parts if x.kind == "persistent")
     assert cpu.phases["load"] == pytest.approx(cparts["frozen weights"] + cparts["runtime"] + cparts["checkpoint read"])
+    assert cpu.phases["checkpoint"] == pytest.approx(cpersistent + cparts["checkpoint copies"])
     assert cpu.phases["export"] == pytest.approx(cpersistent + cparts["full masks"] + cparts["export buffers"])
-    assert cpu.per_rank_gb == max(cpu.phases.values())
+    assert cpu.process_per_rank_gb == max(cpu.phases.values())
     # more ranks: the partitioned parts shrink, the per-rank batch's parts do not
     p8 = plan.estimate(plan.PlanInput(**{**inp.__dict__, "world_size": 8}), shape=SHAPE, zero=_zero(),
                        masked_bytes=(3.0, 1.0, 2.0))
@@ -160,8 +163,9 @@ def test_json_output_parses_and_errors_are_one_line():
     assert set(out["parts"]) >= {"frozen weights", "scores", "gradients", "optimizer states", "activations",
                                  "gather buffers"}
     assert out["params"]["backbone_and_head"] == PUBLISHED["bert-large-uncased"]
-    assert set(out["phases"]) == {"load", "steps", "export"} and out["per_rank_gb"] == max(out["phases"].values())
-    assert {"checkpoint read", "full masks", "export buffers"} <= set(out["parts"])
+    assert set(out["phases"]) == {"load", "steps", "checkpoint", "export"} and out["per_rank_gb"] == out["phases"]["steps"]
+    assert out["process_per_rank_gb"] == max(out["phases"].values())
+    assert {"checkpoint read", "checkpoint copies", "full masks", "export buffers"} <= set(out["parts"])
     bad = subprocess.run(cmd[:4] + ["config:nope"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     errors = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
     assert bad.returncode == 2 and len(errors) == 1 and "config:bert-large-uncased" in errors[0]
