@@ -26,7 +26,15 @@ P_t = trainable (scores + MLM head; every weight for a dense step), T = tokens p
   step temporaries ~3 * (sub-group of P_t / N) * 4: Adam's and the norm's temporaries
   runtime          CPU only: Python, torch, transformers, DeepSpeed (measured, ~0.7 GB)
 
-Peak = the persistent parts + max(forward/backward transients, optimizer-step transients).
+The phases around the steps, each the persistent parts (those alive then) + its own:
+  checkpoint read  P_w * stored bytes           load: rank 0 reads the whole checkpoint file
+  checkpoint copies P_t * (4 + 8) / N           a save: fp32 master + Adam m, v copied at once
+  full masks       P_s * 1                      export, rank 0: every bool mask (mask.pt)
+  export buffers   largest tensor * (stored + 1) export: pruned_model/ streamed one tensor at a time
+
+Peak (per_rank_gb) = the persistent parts + max(forward/backward transients, optimizer-step
+transients); the whole process (process_per_rank_gb) = the largest of load, steps, checkpoint
+and export (`phases`).
 On a GPU the figure is CUDA max allocated; the verdict adds the CUDA context and allocator
 slack.  Offloaded parts (zero3_offload.json) move to host memory.  Measured against the
 grid in docs/scaling.md (benchmarks/scaling.py).

@@ -57,11 +57,12 @@ def _whole_model_export(masks, source, out):
     model.save_pretrained(out)
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "bert-bin", "tiny_bert"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "bert-bin", "tiny_bert", "minilm"])
 def test_streamed_export_writes_the_same_files(kind, tmp_path, tiny_bert):
+    """MLM checkpoints (prefixed keys), a backbone checkpoint, a .bin one, the packaged default model."""
     source = {"bert": lambda: _random_model(tmp_path, "bert"), "roberta": lambda: _random_model(tmp_path, "roberta"),
               "bert-bin": lambda: _bin_model(tmp_path, _random_model(tmp_path, "bert")),
-              "tiny_bert": lambda: tiny_bert}[kind]()
+              "tiny_bert": lambda: tiny_bert, "minilm": lambda: models.DEFAULT_MODEL}[kind]()
     assert models.original_backbone_layout(source) is not None  # the streamed path, not the fallback
     masks = _masks(source)
     (tmp_path / "new").mkdir()
