@@ -28,7 +28,7 @@ P_t = trainable (scores + MLM head; every weight for a dense step), T = tokens p
 
 The phases around the steps, each the persistent parts (those alive then) + its own:
   checkpoint read  P_w * stored bytes           load: rank 0 reads the whole checkpoint file
-  checkpoint copies P_t * (4 + 8) / N           a save: fp32 master + Adam m, v copied at once
+  checkpoint copies P_t * (4 + 8) / N           a save from a GPU: fp32 master + Adam m, v, host copies
   full masks       P_s * 1                      export, rank 0: every bool mask (mask.pt)
   export buffers   largest tensor * (stored + 1) export: pruned_model/ streamed one tensor at a time
 
@@ -310,10 +310,12 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
     # The export (tamt_ds/export.py) on rank 0, the engine still alive: every bool mask assembled
     # (mask.pt), then pruned_model/ one tensor at a time: the largest tensor read, its mask's
     # complement, and on N > 1 the gathered score of the matrix being assembled.
-    # A checkpoint (every --save_steps and after the last step, tamt_ds/checkpoint.py) copies each
-    # trainable entry's fp32 master and Adam moments to the host at once, then writes them.
-    add("checkpoint copies", p_train * 12 / n, "checkpoint", "device" if on_cpu else "host",
-        "P_t * (4 master + 8 Adam) / N (fp32 copies, all at once)")
+    # A checkpoint (every --save_steps and after the last step, tamt_ds/checkpoint.py) writes the
+    # fp32 master and Adam moments where they already are on the host (CPU ranks, offloaded
+    # optimizer); from a GPU it copies them all to the host at once first.
+    if not on_cpu and not zero.offload_optimizer:
+        add("checkpoint copies", p_train * 12 / n, "checkpoint", "host",
+            "P_t * (4 master + 8 Adam) / N (fp32 host copies, all at once)")
     if search:
         export_where, largest_tensor = "device" if on_cpu else "host", max(tensors.values())
         add("full masks", p_scores * 1, "export", export_where, "P_s * 1 B (bool, every matrix, on rank 0)")
