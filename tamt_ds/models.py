@@ -263,6 +263,118 @@ def load_original_backbone(name_or_path: str) -> nn.Module:
         return _from_pretrained(AutoModel, resolve_model_path(name_or_path), dtype="auto")
 
 
+# ---- the original checkpoint, one tensor at a time ----------------------------------------
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def _weight_file(name_or_path: str, filename: str) -> str | None:
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(path):
+        full = os.path.join(path, filename)
+        return full if os.path.isfile(full) else None
+    from transformers.utils import cached_file  # a hub model: the files the search loaded are in the cache
+
+    try:
+        return cached_file(path, filename, _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):
+        return None
+
+
+class CheckpointTensors:
+    """The tensors of a model's weight files, read one at a time into memory of their own.
+
+    safetensors files are read with plain reads at the header's offsets (no memory map: pages
+    read stay in the page cache, not in this process's resident set); .bin files are memory-
+    mapped by torch.load (their pages count as resident, file-backed, until the map is dropped).
+    Either way only the tensor being read is held in anonymous memory."""
+
+    def __init__(self, name_or_path: str):
+        self.entries: dict[str, tuple] = {}  # key -> (file, dtype, shape, start) or (None, tensor)
+        for filename in WEIGHT_FILES:
+            found = _weight_file(name_or_path, filename)
+            if found is None:
+                continue
+            files = [found]
+            if filename.endswith(".index.json"):
+                with open(found) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                files = [_weight_file(name_or_path, shard) for shard in shards]
+                if None in files:
+                    raise FileNotFoundError(f"{found} names shards that are not there")
+            for file in files:
+                self._index(file)
+            return
+        raise FileNotFoundError(f"no weight file ({', '.join(WEIGHT_FILES)}) in {name_or_path}")
+
+    def _index(self, file: str) -> None:
+        if file.endswith(".safetensors"):
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for key, e in header.items():
+                if key != "__metadata__":
+                    self.entries[key] = (file, SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), 8 + n + e["data_offsets"][0])
+        else:
+            for key, t in torch.load(file, map_location="cpu", mmap=True, weights_only=True).items():
+                self.entries[key] = (None, t)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def dtype(self, key: str) -> torch.dtype:
+        e = self.entries[key]
+        return e[1].dtype if e[0] is None else e[1]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        e = self.entries[key]
+        return tuple(e[1].shape) if e[0] is None else e[2]
+
+    def read(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        if e[0] is None:
+            return e[1].clone(memory_format=torch.contiguous_format)
+        file, dtype, shape, start = e
+        out = torch.empty(shape, dtype=dtype)
+        with open(file, "rb") as f:
+            f.seek(start)
+            if f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
+                raise OSError(f"{file}: {key} is cut short")
+        return out
+
+
+def original_backbone_layout(name_or_path: str):
+    """(the backbone on the meta device, {its state-dict key: the original checkpoint's key}, reader),
+    as `load_original_backbone` would load it (stored dtype), or None where the checkpoint does
+    not hold every backbone tensor under its plain or prefixed name with its shape and one
+    floating dtype (legacy names, a backbone missing a pooler, mixed dtypes: load it whole)."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        weights = CheckpointTensors(name_or_path)
+    except FileNotFoundError:
+        return None
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    floating = {weights.dtype(k) for k in weights.entries if weights.dtype(k).is_floating_point}
+    dtype = config.dtype or (floating.pop() if len(floating) == 1 else None)  # from_pretrained's dtype="auto"
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        return None
+    with zero3_init(None), torch.device("meta"):
+        model = AutoModel.from_config(config, dtype=dtype)
+    prefix = getattr(model, "base_model_prefix", "")
+    sources = {}
+    for key, t in model.state_dict().items():
+        source = next((k for k in (key, f"{prefix}.{key}") if k in weights), None)
+        if source is None or weights.shape(source) != tuple(t.shape) or weights.dtype(source) != t.dtype:
+            return None  # from_pretrained would rename, initialise or cast it
+        sources[key] = source
+    return model, sources, weights
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each layer in backward, non-reentrant: torch's reentrant checkpoint returns no
     gradient when no input of a layer requires one (frozen weights, trained scores inside the

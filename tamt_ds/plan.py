@@ -26,7 +26,15 @@ P_t = trainable (scores + MLM head; every weight for a dense step), T = tokens p
   step temporaries ~3 * (sub-group of P_t / N) * 4: Adam's and the norm's temporaries
   runtime          CPU only: Python, torch, transformers, DeepSpeed (measured, ~0.7 GB)
 
-Peak = the persistent parts + max(forward/backward transients, optimizer-step transients).
+The phases around the steps, each the persistent parts (those alive then) + its own:
+  checkpoint read  P_w * stored bytes           load: rank 0 reads the whole checkpoint file
+  checkpoint copies P_t * (4 + 8) / N           a save from a GPU: fp32 master + Adam m, v, host copies
+  full masks       P_s * 1                      export, rank 0: every bool mask (mask.pt)
+  export buffers   largest tensor * (stored + 1) export: pruned_model/ streamed one tensor at a time
+
+Peak (per_rank_gb) = the persistent parts + max(forward/backward transients, optimizer-step
+transients); the whole process (process_per_rank_gb) = the largest of load, steps, checkpoint
+and export (`phases`).
 On a GPU the figure is CUDA max allocated; the verdict adds the CUDA context and allocator
 slack.  Offloaded parts (zero3_offload.json) move to host memory.  Measured against the
 grid in docs/scaling.md (benchmarks/scaling.py).
@@ -59,11 +67,13 @@ class Shape:
     vocab: int
     positions: int
     token_types: int
+    stored_bytes: int = 4  # of the checkpoint's weights: config.json's dtype (fp32 where it names none)
 
     @classmethod
     def from_config(cls, config) -> "Shape":
+        stored = 2 if str(getattr(config, "dtype", None) or "float32").endswith(("float16", "bfloat16")) else 4
         return cls(config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.num_attention_heads,
-                   config.vocab_size, config.max_position_embeddings, config.type_vocab_size)
+                   config.vocab_size, config.max_position_embeddings, config.type_vocab_size, stored)
 
 
 def parameter_tensors(s: Shape, *, pooler: bool = True, mlm_head: bool = False) -> dict[str, int]:
@@ -186,6 +196,8 @@ class Part:
     name: str
     gb: float
     kind: str          # persistent | forward (transient in forward/backward) | step (transient in the step)
+                       # | load (the model load, before scores and optimizer exist) | checkpoint (a save)
+                       # | export (after the last step)
     where: str         # device | host
     formula: str
 
@@ -194,9 +206,11 @@ class Part:
 class Plan:
     inputs: PlanInput
     parts: list[Part]
-    per_rank_gb: float                   # predicted peak on the device (RSS on CPU, max allocated on GPU)
+    per_rank_gb: float                   # predicted peak of the steps on the device (RSS on CPU, max allocated on GPU)
     host_per_rank_gb: float              # offloaded parts, in host memory, per rank
     params: dict[str, int]
+    phases: dict[str, float] = field(default_factory=dict)  # device peak of each phase: load, steps, checkpoint, export
+    process_per_rank_gb: float = 0.0     # the whole process's device peak: the largest phase
     deepspeed_estimate_gb: float | None = None
     verdict: str = ""
     fits: bool | None = None
@@ -289,14 +303,37 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
         f"{STEP_TEMPORARIES} * min(sub_group_size, P_t) / N * 4")
     if on_cpu:
         add("runtime", CPU_RUNTIME_GB * GB, "persistent", "device", "measured constant (CPU)")
+    # The load: rank 0 reads the whole checkpoint into the partitioned model (its pages stay resident
+    # while mapped), before any score, gradient or optimizer state exists.
+    add("checkpoint read", p_all * shape.stored_bytes, "load", "device" if on_cpu else "host",
+        "P_w * stored bytes (rank 0 reads the whole file)")
+    # The export (tamt_ds/export.py) on rank 0, the engine still alive: every bool mask assembled
+    # (mask.pt), then pruned_model/ one tensor at a time: the largest tensor read, its mask's
+    # complement, and on N > 1 the gathered score of the matrix being assembled.
+    # A checkpoint (every --save_steps and after the last step, tamt_ds/checkpoint.py) writes the
+    # fp32 master and Adam moments where they already are on the host (CPU ranks, offloaded
+    # optimizer); from a GPU it copies them all to the host at once first.
+    if not on_cpu and not zero.offload_optimizer:
+        add("checkpoint copies", p_train * 12 / n, "checkpoint", "host",
+            "P_t * (4 master + 8 Adam) / N (fp32 host copies, all at once)")
+    if search:
+        export_where, largest_tensor = "device" if on_cpu else "host", max(tensors.values())
+        add("full masks", p_scores * 1, "export", export_where, "P_s * 1 B (bool, every matrix, on rank 0)")
+        add("export buffers", largest_tensor * (shape.stored_bytes + 1) + (largest_tensor * b if n > 1 else 0),
+            "export", export_where, "largest tensor * (stored bytes + 1)" + (" + its gathered score * b" if n > 1 else ""))
 
-    def peak(where):
+    def phase_peaks(where):
         persistent = sum(p.gb for p in parts if p.kind == "persistent" and p.where == where)
-        transient = max(sum(p.gb for p in parts if p.kind == k and p.where == where) for k in ("forward", "step"))
-        return persistent + transient
+        of = lambda kind: sum(p.gb for p in parts if p.kind == kind and p.where == where)  # noqa: E731
+        at_load = sum(p.gb for p in parts if p.kind == "persistent" and p.where == where
+                      and p.name in ("frozen weights", "weights", "runtime"))
+        return {"load": at_load + of("load"), "steps": persistent + max(of("forward"), of("step")),
+                "checkpoint": persistent + of("checkpoint"), "export": persistent + of("export")}
 
-    plan = Plan(inp, parts, peak("device"), peak("host") if not on_cpu else 0.0,
-                {"backbone_and_head": p_all, "masked": p_scores, "trainable": p_train})
+    device_phases = phase_peaks("device")
+    plan = Plan(inp, parts, device_phases["steps"], phase_peaks("host")["steps"] if not on_cpu else 0.0,
+                {"backbone_and_head": p_all, "masked": p_scores, "trainable": p_train}, phases=device_phases,
+                process_per_rank_gb=max(device_phases.values()))
     plan.deepspeed_estimate_gb = _deepspeed_estimate(p_all + p_scores, max(tensors.values()), n)
     judge(plan, zero)
     return plan
@@ -394,7 +431,12 @@ def render(plan: Plan) -> str:
              f"{'part':<18} {'GB/rank':>8}  {'when':<10} {'where':<6} formula"]
     for p in plan.parts:
         lines.append(f"{p.name:<18} {p.gb:>8.3f}  {p.kind:<10} {p.where:<6} {p.formula}")
-    lines.append(f"{'peak per rank':<18} {plan.per_rank_gb:>8.3f}  (persistent + max(forward, step) transients)")
+    lines.append(f"{'peak per rank':<18} {plan.per_rank_gb:>8.3f}  (steps: persistent + max(forward, step) transients)")
+    ph = plan.phases
+    lines.append(f"{'load':<18} {ph['load']:>8.3f}  (weights + runtime + load)")
+    lines.append(f"{'checkpoint':<18} {ph['checkpoint']:>8.3f}  (persistent + checkpoint)")
+    lines.append(f"{'export':<18} {ph['export']:>8.3f}  (persistent + export)")
+    lines.append(f"{'whole process':<18} {plan.process_per_rank_gb:>8.3f}  (the largest of steps, load, checkpoint, export)")
     if plan.host_per_rank_gb:
         lines.append(f"{'host per rank':<18} {plan.host_per_rank_gb:>8.3f}  (offloaded)")
     if plan.deepspeed_estimate_gb is not None:

@@ -98,9 +98,31 @@ def test_terms_are_the_documented_formulas():
     T, h, L, i = 32, 64, 2, 256
     assert parts["activations"] == pytest.approx(T * (L * (10 * h + 2 * i) + 3 * h) * 2 + T * (L + 1) * h * 2
                                                  + T * L * 2 * h * 4)
+    # the phases after the steps and before them (tamt_ds/export.py; the load)
+    largest = max(tensors.values())
+    assert parts["full masks"] == pytest.approx(p_s * 1)
+    assert parts["export buffers"] == pytest.approx(largest * (4 + 1) + largest * 2)  # fp32 checkpoint; N > 1
+    assert parts["checkpoint read"] == pytest.approx(p_w * 4)
+    assert parts["checkpoint copies"] == pytest.approx(p_s * 12 / 4)
+    where = {x.name: x.where for x in p.parts}
+    assert {where[k] for k in ("full masks", "export buffers", "checkpoint read", "checkpoint copies")} == {"host"}
     persistent = sum(x.gb for x in p.parts if x.kind == "persistent")
     transients = max(sum(x.gb for x in p.parts if x.kind == k) for k in ("forward", "step"))
-    assert p.per_rank_gb == pytest.approx(persistent + transients)
+    assert p.per_rank_gb == p.phases["steps"] == pytest.approx(persistent + transients)
+    assert p.phases["load"] == pytest.approx(parts["frozen weights"] / plan.GB)
+    # a GPU run's checkpoint copies and export buffers are in host memory
+    assert p.phases["checkpoint"] == p.phases["export"] == pytest.approx(persistent)
+    assert p.process_per_rank_gb == max(p.phases.values())
+    # on CPU every phase is in the rank's resident set
+    cpu = plan.estimate(plan.PlanInput(**{**inp.__dict__, "device": "cpu"}), shape=SHAPE, zero=_zero(),
+                        masked_bytes=(3.0, 1.0, 2.0))
+    cparts = {x.name: x.gb for x in cpu.parts}
+    cpersistent = sum(x.gb for x in cpu.parts if x.kind == "persistent")
+    assert cpu.phases["load"] == pytest.approx(cparts["frozen weights"] + cparts["runtime"] + cparts["checkpoint read"])
+    assert "checkpoint copies" not in cparts  # written from where they are
+    assert cpu.phases["checkpoint"] == pytest.approx(cpersistent)
+    assert cpu.phases["export"] == pytest.approx(cpersistent + cparts["full masks"] + cparts["export buffers"])
+    assert cpu.process_per_rank_gb == max(cpu.phases.values())
     # more ranks: the partitioned parts shrink, the per-rank batch's parts do not
     p8 = plan.estimate(plan.PlanInput(**{**inp.__dict__, "world_size": 8}), shape=SHAPE, zero=_zero(),
                        masked_bytes=(3.0, 1.0, 2.0))
@@ -142,6 +164,9 @@ def test_json_output_parses_and_errors_are_one_line():
     assert set(out["parts"]) >= {"frozen weights", "scores", "gradients", "optimizer states", "activations",
                                  "gather buffers"}
     assert out["params"]["backbone_and_head"] == PUBLISHED["bert-large-uncased"]
+    assert set(out["phases"]) == {"load", "steps", "checkpoint", "export"} and out["per_rank_gb"] == out["phases"]["steps"]
+    assert out["process_per_rank_gb"] == max(out["phases"].values())
+    assert {"checkpoint read", "checkpoint copies", "full masks", "export buffers"} <= set(out["parts"])  # a GPU plan
     bad = subprocess.run(cmd[:4] + ["config:nope"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     errors = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
     assert bad.returncode == 2 and len(errors) == 1 and "config:bert-large-uncased" in errors[0]
