@@ -19,10 +19,33 @@ class EngineError(InputError):
 def default_config_path() -> str:
     """A config that works on the machine at hand."""
     if torch.cuda.is_available():
-        name = "zero3_bf16.json" if torch.cuda.is_bf16_supported() else "zero3_fp16.json"
+        name = "zero3_bf16.json" if native_bf16(torch.device("cuda", torch.cuda.current_device())) else "zero3_fp16.json"
     else:
-        name = "zero3_cpu.json"  # fp32: bf16 is emulated (slower) on most CPUs, fp16 unsupported
+        # fp32 even where native_bf16 says yes: whether bf16 becomes the CPU default is open (issue 16).
+        name = "zero3_cpu.json"
     return str(CONFIG_DIR / name)
+
+
+# CPU instructions that compute in bf16 (torch.cpu.get_capabilities() names, from cpuinfo):
+# x86 AVX512-BF16 (Cooper Lake, Zen 4 on) and AMX-BF16 (Sapphire Rapids on), Arm BF16 / SVE-BF16.
+_CPU_BF16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` computes in bf16 in hardware, not by emulation (emulated bf16 is slower than fp32).
+
+    CUDA: compute capability 8.0 or above (Ampere on); torch.cuda.is_bf16_supported() also
+    counts emulation, which V100 and T4 offer.  CPU: oneDNN runs bf16 kernels, and the CPU has
+    bf16 instructions (oneDNN's own check, torch.ops.mkldnn._is_mkldnn_bf16_supported, also
+    accepts plain AVX512 cores, which emulate it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                and any(capabilities.get(name, False) for name in _CPU_BF16_INSTRUCTIONS))
+    return False
 
 
 def load_ds_config(path: str | None, *, micro_batch: int, grad_accum: int, grad_clip: float) -> dict:

@@ -211,14 +211,18 @@ def load_full_tensor(p: torch.nn.Parameter, full: torch.Tensor) -> None:
     shard.values.copy_(full.reshape(-1)[shard.offset:shard.offset + n].to(shard.values.dtype))
 
 
-def trained_magnitudes(weight: torch.nn.Parameter) -> sharding.Shard:
-    """|W| of this rank's shard, from the optimizer's fp32 master where it has one."""
+def trained_magnitudes(weight: torch.nn.Parameter, device: torch.device) -> sharding.Shard:
+    """|W| of this rank's shard on `device`, from the optimizer's fp32 master where it has one.
+
+    The master and the shard need not share a device: DeepSpeed hands the master back on the
+    accelerator even when it lives offloaded on the CPU, while an offloaded parameter's shard
+    stays on the CPU (and a small one kept whole, under the persistence threshold, on the GPU)."""
     shard = sharding.local_shard(weight)
     values = shard.values
     master = zero.local_fp32_master(weight)
     if master is not None:
-        values = master[:values.numel()]
-    return sharding.Shard(values.detach().abs().float(), shard.offset, shard.numel)
+        values = master.reshape(-1)[:values.numel()]
+    return sharding.Shard(values.detach().to(device).abs().float(), shard.offset, shard.numel)
 
 
 @torch.no_grad()
@@ -229,8 +233,11 @@ def prune(masks: MaskSet, level: float) -> None:
     local shards, nothing gathered."""
     ranks = []
     for site in masks:
-        mag = trained_magnitudes(site.weight)
+        # Everything on the score shard's device, where the current mask is read and the new one
+        # written (the GPU, or the CPU when parameters are offloaded); the cuts' counts go to the
+        # CPU, and to the communication device inside all_reduce_.
         pruned_before = ~site.local_keep()
+        mag = trained_magnitudes(site.weight, pruned_before.device)
         ranks.append(sharding.Shard(mag.values.masked_fill(pruned_before, -1.0), mag.offset, mag.numel))
     cuts = bottom_k_cuts(ranks, [int(r.numel * level) for r in ranks],
                          reduce=sharding.shards_are_disjoint(masks.scores))

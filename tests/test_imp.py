@@ -241,3 +241,42 @@ def test_bad_input_one_line(tmp_path, tiny_bert_mlm):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "multiple of --prune_fraction" in lines[0], proc.stderr[-2000:]
     assert not out.exists()
+
+
+class _OffloadedOptimizer:
+    """DeepSpeed's ZeRO-3 optimizer as trained_magnitudes sees it: get_local_fp32_param hands the
+    fp32 master back on a device of its own (the accelerator's, even when it lives offloaded)."""
+
+    def __init__(self, master: torch.Tensor):
+        self.master = master
+
+    def get_local_fp32_param(self, param, optim_state_key=None):
+        return self.master
+
+
+def _partitioned_weight(shard: torch.Tensor, master: torch.Tensor, numel: int) -> torch.nn.Parameter:
+    """A ZeRO-3 parameter of `numel` entries as one rank holds it: `shard` its partition, `master` its fp32 copy."""
+    weight = torch.nn.Parameter(torch.empty(0, dtype=shard.dtype, device=shard.device))
+    weight.ds_id, weight.ds_numel, weight.ds_shape = 0, numel, torch.Size([numel])
+    weight.ds_tensor = shard
+    shard.ds_numel = shard.numel()
+    weight._z3_optimizer = _OffloadedOptimizer(master)
+    return weight
+
+
+@pytest.mark.parametrize("shard_device", ["cpu", "meta"])
+def test_trained_magnitudes_on_the_mask_device(shard_device):
+    """The master on the CPU, the shard and mask elsewhere ('meta' stands for the GPU, a device CPU
+    tensors do not mix with): the magnitudes come on the device asked for, so prune can combine them
+    with the mask; values from the fp32 master (the padded tail dropped), not the bf16 shard."""
+    from tamt_ds.imp import trained_magnitudes
+
+    master = torch.tensor([0.5, -1.25, 3.0, -0.001, 7.0, 0.0], dtype=torch.float32)  # 5 real + 1 padding
+    shard = torch.zeros(6, dtype=torch.bfloat16, device=shard_device)
+    mag = trained_magnitudes(_partitioned_weight(shard, master, numel=5), torch.device(shard_device))
+    assert (mag.offset, mag.numel) == (0, 5)
+    assert mag.values.device.type == shard_device and mag.values.dtype == torch.float32
+    keep = torch.ones(5, dtype=torch.bool, device=shard_device)
+    ranked = mag.values.masked_fill(~keep, -1.0)  # prune's combination: raises if the devices differ
+    if shard_device == "cpu":
+        assert torch.equal(ranked, master[:5].abs())

@@ -68,14 +68,18 @@ def test_mpirun_with_hostfile(reference, tiny_bert, tmp_path):
     check_run(out, reference)
 
 
-def fake_slurm(bin_dir, hosts: list[str]) -> None:
-    """`scontrol show hostnames` printing `hosts`, and an `srun` that starts its command once
-    per node with that node's SLURM_NODEID, in parallel, as srun --ntasks-per-node=1 does."""
+def fake_slurm(bin_dir, hosts: list[str], gpus: int = 0) -> None:
+    """`scontrol show hostnames` printing `hosts`, and an `srun` that writes its options to
+    bin_dir/srun.args and starts its command once per node with that node's SLURM_NODEID, in
+    parallel, as srun --ntasks-per-node=1 does.  gpus > 0: an `nvidia-smi -L` listing that many."""
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] || exit 1\n"
                                       + "".join(f"echo {h}\n" for h in hosts))
+    if gpus:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/bash\n[ \"$1\" = -L ] || exit 1\n" + "".join(
+            f"echo 'GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})'\n" for i in range(gpus)))
     (bin_dir / "srun").write_text(
-        "#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\n"
+        f"#!/bin/bash\nwhile [[ $1 == -* ]]; do echo \"$1\" >> {bin_dir / 'srun.args'}; shift; done\n"
         "for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i \"$@\" & pids+=($!); done\n"
         "rc=0; for p in ${pids[@]}; do wait $p || rc=$?; done; exit $rc\n")
     for f in bin_dir.iterdir():
@@ -89,9 +93,10 @@ def slurm_env(tmp_path, **extra) -> dict:
 
 @pytest.mark.parametrize("extra, expect", [
     ({}, {"MASTER_ADDR": "gpu-a17", "MASTER_PORT": str(20000 + 4242), "NNODES": "2", "NPROC_PER_NODE": "1",
-          "DIST_TIMEOUT": "600"}),
-    ({"SLURM_GPUS_ON_NODE": "8", "MASTER_PORT": "31337", "DIST_TIMEOUT": "120"},
-     {"MASTER_ADDR": "gpu-a17", "MASTER_PORT": "31337", "NNODES": "2", "NPROC_PER_NODE": "8", "DIST_TIMEOUT": "120"}),
+          "CPUS_PER_NODE": "1", "DIST_TIMEOUT": "600"}),
+    ({"SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_ON_NODE": "96", "MASTER_PORT": "31337", "DIST_TIMEOUT": "120"},
+     {"MASTER_ADDR": "gpu-a17", "MASTER_PORT": "31337", "NNODES": "2", "NPROC_PER_NODE": "8", "CPUS_PER_NODE": "96",
+      "DIST_TIMEOUT": "120"}),
 ])
 def test_slurm_settings_derivation(extra, expect, tmp_path):
     fake_slurm(tmp_path / "bin", ["gpu-a17", "gpu-b03"])
@@ -99,6 +104,51 @@ def test_slurm_settings_derivation(extra, expect, tmp_path):
     proc = subprocess.run(["bash", "-c", script], env=slurm_env(tmp_path, **extra), capture_output=True, text=True,
                           check=True)
     assert dict(line.split("=", 1) for line in proc.stdout.split()) == expect
+
+
+@pytest.mark.parametrize("script", ["search.sbatch", "finetune.sbatch"])
+def test_slurm_job_asks_for_gpus_and_each_node_step_gets_them_and_all_cpus(script, tmp_path):
+    """The job asks for GPUs (without them a cgroup-confined job sees none and trains on CPU),
+    and the one srun task per node gets the node's GPUs and all its CPUs, unbound."""
+    path = ROOT / "launchers" / "slurm" / script
+    header = [l.split(None, 1)[1] for l in path.read_text().splitlines() if l.startswith("#SBATCH")]
+    assert "--gpus-per-node=8" in header and "--ntasks-per-node=1" in header and "--exclusive" in header
+    fake_slurm(tmp_path / "bin", ["gpu-a17", "gpu-b03"])
+    (tmp_path / "bin" / "srun").write_text(  # records its options, starts nothing
+        f"#!/bin/bash\nwhile [[ $1 == -* ]]; do echo \"$1\" >> {tmp_path / 'bin' / 'srun.args'}; shift; done\n"
+        f"echo \"$@\" > {tmp_path / 'bin' / 'srun.command'}\n")
+    proc = subprocess.run(["bash", str(path), "--output_dir", "/shared/x"], capture_output=True, text=True,
+                          env=slurm_env(tmp_path, SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="96"), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 nodes x 8 ranks" in proc.stdout
+    assert (tmp_path / "bin" / "srun.args").read_text().split() == [
+        "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=96", "--cpu-bind=none", "--kill-on-bad-exit=1",
+        "--gpus-per-node=8"]
+    launcher = script.replace(".sbatch", ".py")
+    assert (tmp_path / "bin" / "srun.command").read_text().split() == [
+        "launchers/slurm/node.sh", f"launchers/{launcher}", "--output_dir", "/shared/x"]
+
+
+@pytest.mark.parametrize("listed_by", ["nvidia-smi", "CUDA_VISIBLE_DEVICES"])
+def test_slurm_node_with_gpus_and_a_torch_without_cuda_stops_with_one_line(listed_by, tiny_bert, tmp_path):
+    """The node's GPUs (listed by nvidia-smi, or only named in CUDA_VISIBLE_DEVICES) but the installed
+    torch (this machine's CPU build) has no CUDA: each node stops before torchrun with one line,
+    exit 2, nothing written (instead of training on CPU over gloo)."""
+    assert not torch.cuda.is_available()  # this test's premise: the torch under test cannot use CUDA
+    fake_slurm(tmp_path / "bin", ["localhost", "localhost"], gpus=2 if listed_by == "nvidia-smi" else 0)
+    out = tmp_path / "run"
+    visible = {"CUDA_VISIBLE_DEVICES": "0,1"} if listed_by == "CUDA_VISIBLE_DEVICES" else {}
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "slurm" / "search.sbatch"),
+                           *search_args(tiny_bert, out, *STEPS)],
+                          env=slurm_env(tmp_path, PYTHON=PYTHON, SLURM_GPUS_ON_NODE="2", MASTER_PORT=str(free_port()),
+                                        **visible),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 2 and len(set(lines)) == 1, lines  # one line from each of the two nodes, the same
+    assert lines[0].startswith(f"error: node {os.uname().nodename} has 2 GPU(s) but the torch of {PYTHON} "
+                               "cannot use CUDA: install a CUDA build"), lines
+    assert not out.exists()
 
 
 def test_slurm_sbatch_runs_one_launcher_per_node(reference, tiny_bert, tmp_path):
