@@ -48,9 +48,11 @@ def run_cli(fn) -> int:
 
 
 def exit_process(code: int) -> None:
-    """End a launcher process with `code` (`sys.exit(main())` for a distributed run).
+    """The one way every entry point ends (`exit_process(main())`: search, IMP, evaluate_mask,
+    fine-tuning, study, plan, and the test workers), with exit code `code`.
 
-    After a clean run every rank tears the process group down together.  After a
+    After a clean run every rank tears the process group down together: a process that
+    exits with a live group can abort at interpreter shutdown (see sharding.shutdown).  After a
     failure the group is broken (a peer is gone or stuck): tearing it down can wait for
     the stuck peer or abort, so the process ends at once; everything it wrote was
     written atomically."""
