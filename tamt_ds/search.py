@@ -71,7 +71,8 @@ class SearchArguments:
     logging_steps: int = 10
     eval_steps: int = 100
     dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
-        "help": "seconds a rank waits for its peers before the run stops (see docs/cluster.md)"})
+        "help": "seconds a dead or frozen peer goes unnoticed before the run stops; a peer alive but stuck: "
+                "60 s more (see docs/cluster.md)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 

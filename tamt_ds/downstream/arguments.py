@@ -51,7 +51,8 @@ class FinetuneArguments:
     overwrite_output_dir: bool = False
     save_model: bool = field(default=False, metadata={"help": "save the fine-tuned model (plain transformers layout)"})
     dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
-        "help": "seconds a rank waits for its peers before the run stops (see docs/cluster.md)"})
+        "help": "seconds a dead or frozen peer goes unnoticed before the run stops; a peer alive but stuck: "
+                "60 s more (see docs/cluster.md)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
