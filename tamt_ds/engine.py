@@ -90,14 +90,19 @@ def precision(cfg: dict) -> torch.dtype:
 
 
 DEFAULT_DIST_TIMEOUT_S = 600  # torch's NCCL default; longer than any rank-0-only stretch (export, checkpoint)
+# A collective's own timeout comes this much after the heartbeat's deadline, so that a dead
+# or frozen peer is always reported by the heartbeat's one line (under NCCL the collective's
+# timeout is a watchdog abort); it remains the bound for a peer alive but stuck.
+COLLECTIVE_GRACE_S = 60
 
 
 def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> None:
     """One process group for every launcher: deepspeed, torchrun (env vars) or mpirun (MPI discovery).
 
-    `timeout_s` bounds every collective: a rank that waits longer for a peer raises
-    instead of hanging (gloo enforces it per operation; NCCL through its watchdog,
-    which async error handling turns into an abort of the stuck rank)."""
+    A peer dead or frozen (its heartbeat silent) for `timeout_s` seconds ends every other
+    rank with one line, on any backend (guards.Heartbeat).  A peer alive but stuck is
+    bounded by the collectives' own timeout, `timeout_s` + COLLECTIVE_GRACE_S: gloo
+    raises; NCCL's watchdog, which async error handling turns into an abort."""
     import datetime
 
     import deepspeed
@@ -117,19 +122,23 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> None:
     # Under mpirun DeepSpeed derives RANK / LOCAL_RANK / MASTER_ADDR from MPI and takes the
     # port from this argument (not from MASTER_PORT): honour a MASTER_PORT the user set.
     port = int(os.environ.get("MASTER_PORT", 29500))
-    deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=timeout_s), distributed_port=port)
+    deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=timeout_s + COLLECTIVE_GRACE_S),
+                               distributed_port=port)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())  # mpirun: LOCAL_RANK is known only now
     from tamt_ds.guards import Heartbeat
 
-    Heartbeat.start()  # lets a rank whose collective failed name the peers that stopped answering
+    Heartbeat.start(deadline_s=timeout_s)
 
 
 def shutdown() -> None:
-    """After a clean run, on every rank: stop the heartbeat, then end the process group together."""
+    """After a clean run, on every rank: wait for every rank (still beating, so that a rank
+    done early is not taken for dead by one still exporting), stop the heartbeat, then end
+    the process group together."""
     from tamt_ds import sharding
     from tamt_ds.guards import Heartbeat
 
+    sharding.barrier()
     Heartbeat.stop()
     sharding.shutdown()
 

@@ -2,9 +2,10 @@
 
 - `InputError` (the base of every project error class: bad input or settings the user
   can fix) ends the run with ONE line naming the fix, exit code 2.
-- A rank that lost its peers (a collective failed because a rank died, or stopped
-  answering for --dist_timeout seconds) says so in one line, naming the ranks whose
-  heartbeat stopped when it can tell; exit code 1.
+- A rank that lost its peers says so in one line, naming the ranks whose heartbeat
+  stopped when it can tell; exit code 1.  Either its collective failed (gloo: a peer's
+  connection closed, or the collective's own timeout), or its heartbeat thread saw a
+  peer silent for --dist_timeout seconds (any backend: see guards.Heartbeat).
 - Anything else is a bug or an environment problem: its traceback is kept, exit code 1.
 
 In a multi-rank run every line names the rank and host; a message several ranks share
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import traceback
 
 
@@ -23,7 +25,14 @@ class InputError(ValueError):
     """Bad input or settings: the message is one line that names the fix."""
 
 
+# One ending per process: the main thread's error or the heartbeat thread's lost contact,
+# whichever comes first; the other stays quiet.
+_ending = threading.Lock()
+_reported = False
+
+
 def run_cli(fn) -> int:
+    global _reported
     from tamt_ds import sharding
 
     sharding.quiet_deprecations()
@@ -32,25 +41,44 @@ def run_cli(fn) -> int:
     except InputError as e:
         if os.environ.get("TAMT_DEBUG"):
             raise
-        _report(f"error: {_where()}{e}", key=str(e))
+        with _ending:
+            _reported = True
+            _report(f"error: {_where()}{e}", key=str(e))
         return 2
     except Exception as e:
         if os.environ.get("TAMT_DEBUG"):
             raise
-        if sharding.initialized() and sharding.is_peer_failure(e):
-            _report(f"error: {_where()}lost contact with the other ranks ({_first_line(e)}); {_silent_ranks()}",
-                    key="lost contact")
-        else:
-            _report(f"{traceback.format_exc().rstrip()}\nerror: {_where()}stopped on the unexpected "
-                    f"{type(e).__name__} above", key=f"{type(e).__name__}: {e}", every_rank_before_init=True)
+        with _ending:
+            _reported = True
+            if sharding.initialized() and sharding.is_peer_failure(e):
+                _report(f"error: {_where()}lost contact with the other ranks ({_first_line(e)}); {_silent_ranks()}",
+                        key="lost contact")
+            else:
+                _report(f"{traceback.format_exc().rstrip()}\nerror: {_where()}stopped on the unexpected "
+                        f"{type(e).__name__} above", key=f"{type(e).__name__}: {e}", every_rank_before_init=True)
         return 1
     return 0
 
 
-def exit_process(code: int) -> None:
-    """End a launcher process with `code` (`sys.exit(main())` for a distributed run).
+def end_lost_contact(detail: str) -> None:
+    """From the heartbeat thread: peers stopped beating while this rank may be blocked in
+    a collective that would not return in time (or at all): one line, and the process
+    ends now (exit code 1), unless the main thread already reports an error."""
+    with _ending:
+        if _reported:
+            return
+        _report(f"error: {_where()}lost contact with the other ranks: {detail}", key="lost contact")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
-    After a clean run every rank tears the process group down together.  After a
+
+def exit_process(code: int) -> None:
+    """The one way every entry point ends (`exit_process(main())`: search, IMP, evaluate_mask,
+    fine-tuning, study, plan, and the test workers), with exit code `code`.
+
+    After a clean run every rank tears the process group down together: a process that
+    exits with a live group can abort at interpreter shutdown (see sharding.shutdown).  After a
     failure the group is broken (a peer is gone or stuck): tearing it down can wait for
     the stuck peer or abort, so the process ends at once; everything it wrote was
     written atomically."""

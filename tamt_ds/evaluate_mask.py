@@ -19,12 +19,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from tamt_ds import checkpoint, engine as eng, sharding
+from tamt_ds.cli import check_at_least, parse_arguments
 from tamt_ds.engine import to_device
 from tamt_ds.data.corpus import CorpusArguments, build_validation_batches, default_validation_files
 from tamt_ds.maskfile import masks_for_model, read_mask_file, save_mask_file
@@ -91,9 +91,10 @@ def validate(args: EvaluateMaskArguments) -> list[MaskChoice]:
         given = getattr(args, name)
         if given is not None and len(given) != len(choices):
             raise EvaluateMaskError(f"--{name} names {len(given)} files for {len(choices)} masks: give one per --mask")
-    for name in ("eval_blocks", "max_seq_length", "per_device_eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise EvaluateMaskError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_at_least(args, 1, ("eval_blocks", "max_seq_length", "per_device_eval_batch_size"), EvaluateMaskError)
+    if not 0.0 < args.mlm_probability <= 1.0:
+        raise EvaluateMaskError(f"--mlm_probability must be in (0, 1], got {args.mlm_probability}: "
+                                f"pass e.g. --mlm_probability 0.15")
     return choices
 
 
@@ -249,9 +250,7 @@ def evaluate_masks(args: EvaluateMaskArguments) -> list[dict]:
 
 
 def parse_args(argv=None) -> EvaluateMaskArguments:
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser((EvaluateMaskArguments,)).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_arguments((EvaluateMaskArguments,), argv)
     return args
 
 
@@ -262,4 +261,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tamt_ds.errors import exit_process
+
+    exit_process(main())

@@ -1,8 +1,12 @@
 """Guards that end a distributed run early and clearly instead of hanging or writing garbage.
 
-- `Heartbeat`: each rank counts beats in the process group's store from a thread.  When
-  a collective fails (a peer died, or stopped answering for --dist_timeout seconds), the
-  beats tell which ranks stopped answering, so the error line can name them.
+- `Heartbeat`: each rank counts beats in the process group's store from a thread, and
+  watches the other ranks' counts.  A live process beats even while it works alone
+  (export, checkpoint) or waits in a collective, so a peer silent for --dist_timeout
+  seconds is dead or frozen: the thread ends this rank with one line naming it, on any
+  backend (a NCCL collective waiting for a dead peer would only end in the watchdog's
+  abort).  When a collective fails first (gloo: a peer's connection closed), the beats
+  tell which ranks stopped answering, so the error line can name them.
 - `NonFiniteGuard`: remembers on the device the first step whose loss was nan / inf (no
   host sync per step); read at logging steps and before every save, so a poisoned state
   never replaces the last good checkpoint.
@@ -19,24 +23,27 @@ import uuid
 import torch
 
 from tamt_ds import sharding
-from tamt_ds.errors import InputError
+from tamt_ds.errors import InputError, end_lost_contact
 
 BEAT_PERIOD_S = 1.0
+READS_PER_DEADLINE = 20  # the peers' counts are read this often per deadline (every rank reads all: keep it rare)
 
 
 class Heartbeat:
-    """A daemon thread adding one beat per second to this rank's counter in the store."""
+    """A daemon thread adding one beat per second to this rank's counter in the store and
+    ending the process when a peer's counter stops for `deadline_s`."""
 
     _running: "Heartbeat | None" = None
 
-    def __init__(self) -> None:
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tamt-heartbeat", daemon=True)
 
     @classmethod
-    def start(cls) -> None:
+    def start(cls, deadline_s: float) -> None:
         if cls._running is None and sharding.distributed():
-            cls._running = cls()
+            cls._running = cls(deadline_s)
             cls._running._thread.start()
 
     @classmethod
@@ -52,11 +59,39 @@ class Heartbeat:
             cls._running = None
 
     def _run(self) -> None:
+        read_every = max(BEAT_PERIOD_S, self.deadline_s / READS_PER_DEADLINE)
+        me, started = sharding.rank(), time.monotonic()
+        counts: list[int] | None = None
+        moved: dict[int, float] = {}  # rank -> when its count was last seen to move (here)
+        answered = next_read = started  # the store's last answer; the next read of the counts
         while not self._stop.wait(BEAT_PERIOD_S):
+            now = time.monotonic()
             try:
                 sharding.heartbeat()
-            except Exception:  # the store is gone: the run is ending anyway
-                return
+                answered = now
+            except Exception:  # the store's host (rank 0 or the launcher) is gone or stopped
+                if now - answered > self.deadline_s:
+                    end_lost_contact(f"the rendezvous store stopped answering for more than {self.deadline_s:g} s "
+                                     f"(its host, rank 0 or the launcher, died or froze)")
+                continue
+            if now < next_read:
+                continue
+            next_read = now + read_every
+            latest = sharding.heartbeats()
+            if latest is None:
+                continue
+            for r, count in enumerate(latest):
+                if counts is None or count != counts[r]:
+                    moved[r] = now
+            counts = latest
+            # A beat seen at moved[r] came at most one period before the peer stopped: waiting
+            # one more period makes sure it was silent for the whole deadline.
+            silent = [r for r in range(len(latest))
+                      if r != me and now - moved.get(r, started) > self.deadline_s + BEAT_PERIOD_S]
+            if silent:
+                end_lost_contact(f"{'ranks' if len(silent) > 1 else 'rank'} {', '.join(map(str, silent))} stopped "
+                                 f"answering: no heartbeat for more than {self.deadline_s:g} s (died or froze; "
+                                 f"see their errors above)")
 
 
 def silent_ranks(wait_s: float = 3 * BEAT_PERIOD_S) -> list[int] | None:

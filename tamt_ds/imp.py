@@ -37,13 +37,13 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from tamt_ds import checkpoint, engine as eng, sharding, zero
+from tamt_ds.cli import check_at_least, parse_arguments
 from tamt_ds.engine import to_device
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, \
     default_train_files, default_validation_files
@@ -84,9 +84,7 @@ class IMPError(InputError):
 
 
 def parse_args(argv=None) -> tuple[IMPArguments, CorpusArguments]:
-    from transformers import HfArgumentParser
-
-    args, data = HfArgumentParser((IMPArguments, CorpusArguments)).parse_args_into_dataclasses(args=argv)
+    args, data = parse_arguments((IMPArguments, CorpusArguments), argv)
     if not data.train_files and not data.dataset_name:
         data.train_files = default_train_files()
         data.mix_weights = data.mix_weights or DEFAULT_MIX_WEIGHTS
@@ -113,10 +111,14 @@ def level_dir(output_dir: str, level: float) -> str:
     return os.path.join(output_dir, f"{level:g}")
 
 
-def validate(args: IMPArguments) -> list[float]:
-    for name in ("prune_interval", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
-        if getattr(args, name) < 1:
-            raise IMPError(f"--{name} must be at least 1, got {getattr(args, name)}")
+def validate(args: IMPArguments, data: CorpusArguments) -> list[float]:
+    """Every setting that could stop the run later, checked before anything is loaded or written."""
+    check_at_least(args, 1, ("prune_interval", "per_device_train_batch_size", "gradient_accumulation_steps",
+                             "logging_steps"), IMPError)
+    check_at_least(args, 0, ("warmup_steps", "learning_rate", "weight_decay", "max_grad_norm"), IMPError)
+    check_at_least(data, 1, ("max_seq_length",), IMPError)
+    if not 0.0 < data.mlm_probability <= 1.0:
+        raise IMPError(f"--mlm_probability must be in (0, 1], got {data.mlm_probability}: pass e.g. --mlm_probability 0.15")
     return levels(args)
 
 
@@ -270,7 +272,7 @@ def validation_mlm(engine, batches, device) -> dict[str, float]:
 
 
 def imp(args: IMPArguments, data: CorpusArguments) -> dict:
-    all_levels = validate(args)
+    all_levels = validate(args, data)
     check_output_dir(args)
     eng.init_distributed()
     ds_config = eng.load_ds_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
@@ -383,4 +385,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tamt_ds.errors import exit_process
+
+    exit_process(main())

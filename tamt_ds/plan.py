@@ -490,4 +490,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tamt_ds.errors import exit_process
+
+    exit_process(main())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tamt_ds import checkpoint, engine as eng, guards, sharding
+from tamt_ds.cli import check_at_least, parse_arguments
 from tamt_ds.engine import to_device
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, default_train_files, \
     default_validation_files
@@ -73,16 +74,14 @@ class SearchArguments:
     logging_steps: int = 10
     eval_steps: int = 100
     dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
-        "help": "seconds a rank waits for its peers before the run stops (see docs/cluster.md)"})
+        "help": "seconds a dead or frozen peer goes unnoticed before the run stops; a peer alive but stuck: "
+                "60 s more (see docs/cluster.md)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
 def parse_args(argv=None) -> tuple[SearchArguments, CorpusArguments]:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser((SearchArguments, CorpusArguments))
-    parser.set_defaults(max_seq_length=SEARCH_MAX_SEQ_LENGTH)
-    args, data = parser.parse_args_into_dataclasses(args=argv)
+    args, data = parse_arguments((SearchArguments, CorpusArguments), argv,
+                                 defaults={"max_seq_length": SEARCH_MAX_SEQ_LENGTH})
     if not data.train_files and not data.dataset_name:
         data.train_files = default_train_files()
         data.mix_weights = data.mix_weights or DEFAULT_MIX_WEIGHTS
@@ -95,16 +94,20 @@ class SearchError(InputError):
     pass
 
 
-def validate(args: SearchArguments) -> None:
+def validate(args: SearchArguments, data: CorpusArguments) -> None:
+    """Every setting that could stop the run later, checked before anything is loaded or written."""
+    check_at_least(args, 1, ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                             "threshold_reset_steps", "logging_steps", "save_steps"), SearchError)
+    check_at_least(args, 0, ("eval_steps", "warmup_steps", "learning_rate", "weight_decay", "max_grad_norm",
+                             "save_total_limit"), SearchError)
+    check_at_least(data, 1, ("max_seq_length",), SearchError)
+    if "mlm" in args.objective and not 0.0 < data.mlm_probability <= 1.0:
+        raise SearchError(f"--mlm_probability must be in (0, 1], got {data.mlm_probability}: pass e.g. --mlm_probability 0.15")
     if args.objective not in OBJECTIVES:
         raise SearchError(f"unknown --objective {args.objective!r}: use one of {', '.join(OBJECTIVES)}")
     check_settings(args.sparsity, args.threshold_scope)
-    if args.max_steps < 1:
-        raise SearchError(f"--max_steps must be at least 1, got {args.max_steps}")
     if args.dist_timeout <= 0:
         raise SearchError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
-    if args.save_total_limit < 0:
-        raise SearchError(f"--save_total_limit must be 0 (keep all) or more, got {args.save_total_limit}")
 
 
 def run_config(args: SearchArguments, data: CorpusArguments, ds_config: dict, model: dict,
@@ -163,7 +166,7 @@ def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
 
 
 def search(args: SearchArguments, data: CorpusArguments) -> dict:
-    validate(args)
+    validate(args, data)
     release_freed_memory_for(args.model_name_or_path)  # large models: a CPU rank's resident set follows its use
     eng.init_distributed(args.dist_timeout)
     check_output_dir(args)  # after the group forms: a rank-local view of the directory may differ

@@ -151,9 +151,11 @@ def shutdown() -> None:
     """End the process group once every rank is done with it.  A process that exits with
     a live gloo group now and then aborts during interpreter shutdown ("terminate called
     without an active exception", SIGABRT) even after a clean run."""
+    global _out_of_band
     if initialized():
         barrier()
         dist.destroy_process_group()
+    _out_of_band = None
 
 
 @contextlib.contextmanager
@@ -184,33 +186,47 @@ def partition_like(anchor: torch.nn.Parameter, new_params: list[torch.nn.Paramet
 # even while a collective is stuck, so failure handling talks through it: a
 # heartbeat per rank, and claims that let one rank report an error all ranks share.
 
-def _store(timeout_s: float | None = None):
-    store = dist.distributed_c10d._get_default_store()
-    if timeout_s is not None:
-        store.set_timeout(datetime.timedelta(seconds=timeout_s))
-    return store
+OUT_OF_BAND_TIMEOUT_S = 5.0
+_out_of_band = None
+
+
+def _store():
+    """A connection of this process's own to the group's store, every call bounded by
+    OUT_OF_BAND_TIMEOUT_S: the group's connection keeps its long timeout (a rank may wait
+    that long for a peer, e.g. NCCL's first-collective handshake) and is never held by
+    the heartbeat thread."""
+    global _out_of_band
+    if _out_of_band is None:
+        store = dist.distributed_c10d._get_default_store()
+        try:
+            store = store.clone()
+        except (AttributeError, RuntimeError):  # a store without clone (older torch): share the group's
+            pass
+        store.set_timeout(datetime.timedelta(seconds=OUT_OF_BAND_TIMEOUT_S))
+        _out_of_band = store
+    return _out_of_band
 
 
 def heartbeat() -> None:
-    """Count one beat of this rank (called by a watchdog thread)."""
+    """Count one beat of this rank (called by a watchdog thread); raises if the store does not answer."""
     _store().add(f"tamt/beat/{rank()}", 1)
 
 
-def heartbeats(timeout_s: float = 5.0) -> list[int] | None:
-    """Every rank's beat count, or None if the store does not answer within `timeout_s`."""
+def heartbeats() -> list[int] | None:
+    """Every rank's beat count, or None if the store does not answer."""
     try:
-        store = _store(timeout_s)
+        store = _store()
         return [store.add(f"tamt/beat/{r}", 0) for r in range(world_size())]
     except Exception:  # the store's host is gone or stopped: nothing to learn from it
         return None
 
 
-def first_to_claim(key: str, timeout_s: float = 5.0) -> bool:
+def first_to_claim(key: str) -> bool:
     """True for the first rank (on any node) to claim `key`; also when the store is unreachable."""
     if not distributed():
         return True
     try:
-        return _store(timeout_s).add(f"tamt/claim/{key}", 1) == 1
+        return _store().add(f"tamt/claim/{key}", 1) == 1
     except Exception:
         return True
 

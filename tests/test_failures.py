@@ -85,8 +85,8 @@ def test_killed_rank_ends_finetuning_within_60s(tiny_bert, tmp_path):
 
 
 def test_frozen_rank_stops_the_others_within_the_timeout(tiny_bert, tmp_path):
-    """SIGSTOP (a stalled filesystem or device looks the same to the peers): rank 0 waits
-    --dist_timeout seconds in its collective, then names the rank that stopped answering."""
+    """SIGSTOP (a process that stops as a whole): rank 0 waits --dist_timeout seconds,
+    then names the rank that stopped answering."""
     timeout = 10
     out = tmp_path / "run"
     launch = Launch([torchrun_cmd(SEARCH, search_args(tiny_bert, out, *LONG, "--dist_timeout", timeout))],
@@ -107,6 +107,38 @@ def test_frozen_rank_stops_the_others_within_the_timeout(tiny_bert, tmp_path):
     lines = error_lines(launch.stderr())
     assert len(lines) == 1 and "lost contact" in lines[0] and "rank 1 stopped answering" in lines[0], \
         launch.text()[-6000:]
+
+
+def test_heartbeat_ends_a_rank_whose_collective_would_block_past_its_deadline(tiny_bert, tmp_path):
+    """What NCCL does with a dead or frozen peer: the collective waiting for it does not
+    end by itself in time (NCCL's watchdog would abort it with a C++ trace).  Here the
+    collectives' own timeout is --dist_timeout + COLLECTIVE_GRACE_S = 65 s, so rank 0
+    blocks in its collective well past the heartbeat's deadline (--dist_timeout 5 s): only
+    the heartbeat thread can end it within the bound, with its one line naming rank 1."""
+    from tamt_ds.engine import COLLECTIVE_GRACE_S
+
+    timeout, bound = 5, 25
+    assert bound < timeout + COLLECTIVE_GRACE_S
+    out = tmp_path / "run"
+    launch = Launch([torchrun_cmd(SEARCH, search_args(tiny_bert, out, *LONG, "--dist_timeout", timeout))],
+                    tmp_path / "logs")
+    wait_until(logged(out / "metrics.jsonl", 2), launch)
+    ranks = launch.ranks()
+    frozen = time.monotonic()
+    ranks[1].suspend()
+    try:
+        ranks[0].wait(timeout=bound)
+        rank0_s = time.monotonic() - frozen
+        (code, _), = exit_times(launch, frozen, bound + 40)  # torchrun: +30 s grace for its SIGTERM to the frozen rank
+    finally:
+        if ranks[1].is_running():
+            ranks[1].kill()
+    assert timeout <= rank0_s <= bound and code != 0, (rank0_s, code)
+    lines = error_lines(launch.stderr())
+    assert lines == [lines[0]] and lines[0].startswith("error: [rank 0/2 on ") and lines[0].endswith(
+        "lost contact with the other ranks: rank 1 stopped answering: no heartbeat for more than 5 s "
+        "(died or froze; see their errors above)"), launch.text()[-6000:]
+    assert "Timed out" not in launch.stderr() and "unexpected" not in launch.stderr(), launch.text()[-6000:]
 
 
 FAULT = '''\

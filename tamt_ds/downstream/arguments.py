@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from tamt_ds import engine as eng
+from tamt_ds.cli import check_at_least, parse_arguments
 from tamt_ds.downstream.tasks import KNOWN_TASKS, LOCAL_PREFIX, TaskError
 from tamt_ds.errors import InputError
 from tamt_ds.masking import parse_baseline
@@ -50,7 +51,8 @@ class FinetuneArguments:
     overwrite_output_dir: bool = False
     save_model: bool = field(default=False, metadata={"help": "save the fine-tuned model (plain transformers layout)"})
     dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
-        "help": "seconds a rank waits for its peers before the run stops (see docs/cluster.md)"})
+        "help": "seconds a dead or frozen peer goes unnoticed before the run stops; a peer alive but stuck: "
+                "60 s more (see docs/cluster.md)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
@@ -112,10 +114,10 @@ def data_dir_for(args: FinetuneArguments, task: str) -> str | None:
 
 
 def validate(args: FinetuneArguments) -> None:
-    for name in ("max_seq_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps", "logging_steps"):
-        if getattr(args, name) < 1:
-            raise FinetuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_at_least(args, 1, ("max_seq_length", "doc_stride", "per_device_train_batch_size",
+                             "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
+                             "train_subset"), FinetuneError)
+    check_at_least(args, 0, ("learning_rate", "weight_decay", "max_grad_norm"), FinetuneError)
     if args.num_train_epochs <= 0:
         raise FinetuneError(f"--num_train_epochs must be > 0, got {args.num_train_epochs}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -156,8 +158,6 @@ def mask_label(mask: MaskSpec) -> str:
 
 
 def parse_args(argv=None) -> FinetuneArguments:
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser((FinetuneArguments,)).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_arguments((FinetuneArguments,), argv)
     return args
 

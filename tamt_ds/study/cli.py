@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def main(argv=None) -> int:
@@ -33,4 +32,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tamt_ds.errors import exit_process
+
+    exit_process(main())

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
+from tamt_ds.errors import exit_process, run_cli  # noqa: E402
 from tamt_ds import engine as eng, sharding  # noqa: E402
 from tamt_ds.masking import prepare_search  # noqa: E402
 from tamt_ds.models import load_model  # noqa: E402
@@ -96,8 +97,7 @@ def main():
               "scores": full_scores, "stats": masks.stats(update_last=False), **facts}
     if sharding.rank() == 0:
         torch.save(result, out)
-    eng.shutdown()  # exiting with a live gloo group can abort (SIGABRT) at interpreter shutdown
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(run_cli(main))  # the launchers' exit path: a clean run ends its process group

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
+from tamt_ds.errors import exit_process, run_cli  # noqa: E402
 from tamt_ds import engine as eng, sharding  # noqa: E402
 from tamt_ds.downstream.arguments import MaskSpec  # noqa: E402
 from tamt_ds.downstream.finetune import param_groups  # noqa: E402
@@ -107,4 +108,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(run_cli(main))  # the launchers' exit path: a clean run ends its process group

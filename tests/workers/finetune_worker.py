@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tamt_ds.downstream.finetune import main  # noqa: E402
+from tamt_ds.errors import exit_process  # noqa: E402
 
 
 def run(argv: list[str]) -> dict:
@@ -27,3 +28,4 @@ if __name__ == "__main__":
         cases = json.load(f)
     with open(sys.argv[2], "w") as f:
         json.dump([run(argv) for argv in cases], f, indent=1)
+    exit_process(0)  # the launchers' exit path: ends the one-process group the runs formed

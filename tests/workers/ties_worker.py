@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
+from tamt_ds.errors import exit_process, run_cli  # noqa: E402
 from tamt_ds import engine as eng, sharding  # noqa: E402
 from tamt_ds.masking import prepare_search  # noqa: E402
 from tamt_ds.models import load_model  # noqa: E402
@@ -53,4 +54,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(run_cli(main))  # the launchers' exit path: a clean run ends its process group
