@@ -82,6 +82,9 @@ def test_killed_rank_ends_finetuning_within_60s(tiny_bert, tmp_path):
     (code, _), = exit_times(launch, killed, 60)
     assert code != 0
     assert not (out / "results.json").exists()
+    lines = error_lines(launch.stderr())  # rank 0 says which rank it lost, once, as the search does
+    assert len(lines) == 1 and lines[0].startswith("error: [rank 0/2 on "), launch.text()[-6000:]
+    assert "lost contact with the other ranks" in lines[0] and "rank 1 stopped answering" in lines[0], lines
 
 
 def test_frozen_rank_stops_the_others_within_the_timeout(tiny_bert, tmp_path):

@@ -1,5 +1,6 @@
 """Bad input: one line naming the fix, non-zero exit, nothing already written lost."""
 import json
+import re
 import subprocess
 import sys
 
@@ -70,7 +71,12 @@ def test_empty_or_too_short_corpus(content, tiny_bert, tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text(content)
     code, err = run_main(base(tiny_bert, tmp_path / "out") + ["--train_files", str(corpus)], capsys)
-    assert code == 2 and err[-1].startswith("error:"), err
+    errors = [l for l in err if l.startswith("error:")]
+    assert code == 2 and errors == [err[-1]], err  # one line, the last one, no traceback
+    assert re.fullmatch(r"error: corpus too short: it holds \d+ text tokens \(after any carved validation set\), "
+                        r"fewer than one block of \d+ for each of the 1 readers \(world_size=1 x 1 workers\); "
+                        r"use more data, a smaller --max_seq_length or fewer ranks / workers", err[-1]), err
+    assert not (tmp_path / "out").exists()  # stopped before writing anything
 
 
 def test_output_dir_of_another_run_is_refused_and_kept(tiny_bert, tmp_path, capsys):
