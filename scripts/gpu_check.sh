@@ -111,7 +111,7 @@ echo "== evaluate_mask: the search's mask, the IMP mask, the dense model"
 "${LAUNCH[@]}" launchers/evaluate_mask.py --model_name_or_path "$MODEL" --deepspeed "$CONFIG" \
     --mask "$OUT/search/mask.pt" "$OUT/imp/0.1/mask.pt" none \
     --output "$OUT/eval_search.json" "$OUT/eval_imp.json" "$OUT/eval_none.json" \
-    --eval_blocks 64 --max_seq_length "$SEQ" 2>&1 | tee "$OUT/evaluate_mask.log"
+    --eval_blocks 64 --max_seq_length "$SEQ" --per_device_eval_batch_size 4 2>&1 | tee "$OUT/evaluate_mask.log"
 
 if "$PY" -c "import sys; from tamt_ds.engine import _fp16_supported; sys.exit(0 if _fp16_supported() else 1)"; then
     echo "== fp16 search: uninterrupted, and killed after its step-10 checkpoint then --resume (loss scaler)"

@@ -288,8 +288,8 @@ def test_spearman_interval():
 
     up = spearman_with_interval([1, 2, 3, 4, 5], [10, 20, 30, 40, 50])
     assert up["rho"] == pytest.approx(1.0) and up["low"] == pytest.approx(1.0) and up["n"] == 5
-    x = [0.31, 0.12, 0.55, 0.47, 0.12, 0.90, 0.66, 0.25]  # a tie in x
-    y = [71.0, 80.5, 64.2, 66.0, 79.1, 60.3, 66.0, 74.9]
+    x = [0.31, 0.12, 0.55, 0.47, 0.12, 0.90, 0.66, 0.25, 0.71, 0.05, 0.38, 0.83]  # ties in x and in y
+    y = [71.0, 80.5, 64.2, 66.0, 79.1, 60.3, 66.0, 74.9, 58.2, 77.7, 70.1, 69.0]
     got = spearman_with_interval(x, y, resamples=500, seed=3)
     assert got["rho"] == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
     rx, ry = rankdata(x), rankdata(y)  # Spearman = Pearson of the (average) ranks
