@@ -223,7 +223,7 @@ def test_mpirun_launch(tiny_bert, tmp_path):
     same 2-rank search as torchrun's: the same mask and losses, one log stream."""
     mpirun = Path(sys.executable).parent / "mpirun"
     out, ref = tmp_path / "mpi", tmp_path / "torchrun"
-    args = ["--max_steps", "3", "--save_steps", "3", "--logging_steps", "1"]
+    args = ["--max_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--warmup_steps", "0"]
     proc = subprocess.run([str(mpirun), "-np", "2", "-genv", "OMP_NUM_THREADS", "1", sys.executable, str(LAUNCHER),
                            *common(tiny_bert, out, *args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

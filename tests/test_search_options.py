@@ -52,7 +52,7 @@ def test_global_scope_under_zero3_equals_one_process_with_exact_global_sparsity(
 
 
 # ---- --gradient_accumulation_steps, --overwrite_output_dir ------------------------------------
-STEPS = ["--max_steps", "3", "--save_steps", "3", "--threshold_reset_steps", "2"]
+STEPS = ["--max_steps", "3", "--save_steps", "3", "--threshold_reset_steps", "2", "--warmup_steps", "0"]
 
 
 @pytest.fixture(scope="module")
