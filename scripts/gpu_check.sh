@@ -72,7 +72,8 @@ kill_and_resume() {  # NAME: search ARGS into OUT/NAME, SIGKILL the whole job on
     setsid "${LAUNCH[@]}" launchers/search.py "${ARGS[@]}" > "$OUT/$1_killed.log" 2>&1 &
     pid=$!
     JOB_PID=$pid  # setsid: the launcher leads a new process group, which holds every rank
-    for ((waited = 0; waited < 18000 && ! -f "$run/checkpoints/latest"; waited++)); do
+    local deadline=$((SECONDS + 1800))
+    while [[ ! -f "$run/checkpoints/latest" ]] && ((SECONDS < deadline)); do
         kill -0 "$pid" 2>/dev/null || { echo "error: $1 ended before its first checkpoint: see $OUT/$1_killed.log" >&2; exit 1; }
         sleep 0.1
     done
