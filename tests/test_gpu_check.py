@@ -141,3 +141,37 @@ def test_summary_names_each_failed_phase(tiny_bert, tmp_path, monkeypatch):
     assert "evaluate_mask: none: kd_loss nan" in problems
     assert any(p.startswith("fp16: loss scaler after the resume") and "'cur_iter': 10.0" in p for p in problems)
     assert len(problems) == 5, problems
+
+
+FAKE_LAUNCHER = """#!/bin/bash
+# a launcher whose job is two 'ranks' in its process group; it checkpoints after a second
+for ((i = 1; i <= $#; i++)); do [[ "${!i}" == --output_dir ]] && { j=$((i + 1)); out="${!j}"; }; done
+if [[ " $* " == *" --resume "* ]]; then echo "resumed from $(cat "$out/checkpoints/latest") at step 10"; exit 0; fi
+sleep 300 & sleep 300 &
+echo $! > "$out.rank_pid"
+sleep 1; mkdir -p "$out/checkpoints"; echo step10 > "$out/checkpoints/latest"
+wait
+"""
+
+
+def test_kill_and_resume_kills_the_whole_job_then_resumes(tmp_path):
+    """The script's kill_and_resume, run as written, on a fake launcher."""
+    import re
+
+    import psutil
+
+    text = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    functions = re.search(r'^JOB_PID="".*?^trap [^\n]*\n', text, re.S | re.M).group(0) + \
+        re.search(r"^kill_and_resume\(\) \{.*?^\}\n", text, re.S | re.M).group(0)
+    (tmp_path / "launch").write_text(FAKE_LAUNCHER)
+    (tmp_path / "launch").chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (f"set -euo pipefail\nOUT={out}\nstop_sampling() {{ :; }}\n{functions}\n"
+              f"LAUNCH=({tmp_path / 'launch'})\nARGS=(--output_dir \"$OUT/run\" --max_steps 30)\nkill_and_resume run\n")
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "killed after step10; resuming" in proc.stdout
+    assert (out / "run.log").read_text() == "resumed from step10 at step 10\n"
+    rank = int((out / "run.rank_pid").read_text())
+    assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE  # the job died whole
