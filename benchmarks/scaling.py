@@ -508,10 +508,25 @@ def check_search_outputs(run: Path) -> list[str]:
     return problems
 
 
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def check_imp_outputs(level: Path, sparsity: float) -> list[str]:
+    """An IMP level's mask: written, exactly int(numel * level) pruned per matrix."""
+    import torch
+
+    if not (level / "mask.pt").exists():
+        return [f"{level}/mask.pt missing"]
+    return [f"{key}: {int((~keep).sum())} pruned, expected {int(keep.numel() * sparsity)}"
+            for key, keep in torch.load(level / "mask.pt", weights_only=True).items()
+            if int((~keep).sum()) != int(keep.numel() * sparsity)]
+
+
 def gpu_summary(args) -> int:
     import torch
 
-    from tamt_ds import plan
+    from tamt_ds import gpu_check, plan
     from tamt_ds.models import model_config
 
     out = Path(args.out)
@@ -519,19 +534,32 @@ def gpu_summary(args) -> int:
     problems = [f"search: {p}" for p in check_search_outputs(search_run)]
     if not (ft_run / "results.json").exists():
         problems.append("finetune: results.json missing")
+    problems += [f"kill + --resume (bf16): {p}" for p in gpu_check.resume_problems(
+        _read(out / "resume.log"), out / "resume", max_steps=30)]
+    problems += [f"IMP round (zero3_offload): {p}" for p in check_imp_outputs(out / "imp" / "0.1", 0.1)]
+    problems += [f"evaluate_mask: {p}" for p in gpu_check.evaluate_mask_problems(
+        {"search mask": out / "eval_search.json", "IMP mask": out / "eval_imp.json", "none": out / "eval_none.json"})]
+    fp16_checked = (out / "fp16").exists()
+    if fp16_checked:
+        problems += [f"fp16 kill + --resume: {p}" for p in gpu_check.resume_problems(
+            _read(out / "fp16_resume.log"), out / "fp16_resume", max_steps=20)]
+        problems += [f"fp16: {p}" for p in gpu_check.loss_scaler_problems(out / "fp16" / "checkpoints" / "step20",
+                                                                         out / "fp16_resume" / "checkpoints" / "step20")]
     rows = [json.loads(l) for l in (search_run / "metrics.jsonl").read_text().splitlines() if "perf/tokens_per_s" in l]
-    tokens_per_s = rows[-1]["perf/tokens_per_s"]  # the last logging window (steps 21-30): warmed up
-    rank0_alloc = max(r.get("perf/gpu_max_allocated_mb", 0) for r in rows) / 1e3
+    timed = max(rows, key=lambda r: r["step"])  # steps 21-30: warmed up, no threshold reset, eval or save inside
+    tokens_per_s = timed["perf/tokens_per_s"]
+    rank0_alloc = gpu_check.mib_to_gb(max(r.get("perf/gpu_max_allocated_mb", 0) for r in rows))
     shape = plan.Shape.from_config(model_config(args.model))
     flops = search_flops_per_token(shape, args.seq)
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown GPU"
     peak = peak_tflops(name)
     mfu = tokens_per_s * flops / (args.world_size * peak * 1e12) if peak else None
-    per_gpu = {}
+    per_gpu, unreadable = {}, 0
     for phase in ("search", "finetune"):
-        for line in (out / f"nvidia_smi_{phase}.csv").read_text().splitlines() if (out / f"nvidia_smi_{phase}.csv").exists() else []:
-            idx, used = (x.strip() for x in line.split(","))
-            per_gpu.setdefault(phase, {})[idx] = max(per_gpu.get(phase, {}).get(idx, 0), int(used) / 1e3)
+        peaks, bad = gpu_check.memory_peaks_gb(_read(out / f"nvidia_smi_{phase}.csv"), args.gpus.split(","))
+        unreadable += bad
+        if peaks:
+            per_gpu[phase] = peaks
     predicted = plan.estimate(plan.PlanInput(model=args.model, world_size=args.world_size, deepspeed=args.deepspeed,
                                              per_device_train_batch_size=args.batch, max_seq_length=args.seq,
                                              device="gpu", gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / 1e9
@@ -541,7 +569,8 @@ def gpu_summary(args) -> int:
                "mfu": mfu, "rank0_max_allocated_gb": rank0_alloc, "per_gpu_peak_used_gb": per_gpu,
                "predicted_per_rank_gb": predicted.per_rank_gb, "predicted_parts_gb": predicted.as_dict()["parts"],
                "prediction_error": predicted.per_rank_gb / rank0_alloc - 1 if rank0_alloc else None,
-               "verdict": predicted.verdict, "contract_problems": problems}
+               "verdict": predicted.verdict, "nvidia_smi_unreadable_samples": unreadable,
+               "fp16_checked": fp16_checked, "problems": problems}
     (out / "gpu_summary.json").write_text(json.dumps(summary, indent=1))
     md = [f"GPU check {summary['date']}, {summary['device']}: `scripts/gpu_check.sh` (bf16, {args.model}, "
           f"{args.batch} x {args.seq} tokens per GPU, 30 search steps + 30 masked fine-tuning steps)", "",
@@ -554,7 +583,9 @@ def gpu_summary(args) -> int:
     for phase, gpus in per_gpu.items():
         md.append(f"| nvidia-smi peak used per GPU, {phase} | "
                   f"{', '.join(f'GPU{i} {v:.1f} GB' for i, v in sorted(gpus.items()))} |")
-    md.append(f"| output contract | {'OK' if not problems else '; '.join(problems)} |")
+    md.append(f"| output contract, kill + --resume, IMP (offload), evaluate_mask"
+              f"{', fp16 loss scaler' if fp16_checked else ' (no fp16 on this GPU)'} | "
+              f"{'OK' if not problems else '; '.join(problems)} |")
     (out / "gpu_summary.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(plan.render(predicted))
@@ -606,6 +637,7 @@ def main(argv=None) -> int:
     gpu.add_argument("--model", required=True)
     gpu.add_argument("--deepspeed", required=True)
     gpu.add_argument("--world_size", type=int, required=True)
+    gpu.add_argument("--gpus", required=True, help="nvidia-smi indices of the GPUs used, e.g. 0,1 (python -m tamt_ds.gpu_check visible)")
 
     args = ap.parse_args(argv)
     if args.command == "gpu_summary":

@@ -69,19 +69,26 @@ def test_killed_rank_ends_a_two_node_search_within_60s(tiny_bert, tmp_path):
 
 
 def test_killed_rank_ends_finetuning_within_60s(tiny_bert, tmp_path):
+    """As the search's twin: two one-rank "nodes", so that rank 0's own launcher does not end it
+    first and rank 0 reports what it saw."""
     task = write_local_classification(tmp_path / "task")
-    out = tmp_path / "ft"
-    launch = Launch([torchrun_cmd(FINETUNE, ["--model_name_or_path", tiny_bert, "--task", f"local:{task}",
-                                             "--max_seq_length", "16", "--per_device_train_batch_size", "4",
-                                             "--num_train_epochs", "100", "--logging_steps", "1", "--eval_steps", "0",
-                                             "--output_dir", out])], tmp_path / "logs")
+    hosts, port, out = hostfile(tmp_path / "hostfile"), free_port(), tmp_path / "ft"
+    args = ["--model_name_or_path", tiny_bert, "--task", f"local:{task}", "--max_seq_length", "16",
+            "--per_device_train_batch_size", "4", "--num_train_epochs", "100", "--logging_steps", "1", "--eval_steps",
+            "0", "--output_dir", str(out)]
+    launch = Launch([deepspeed_node(hosts, i, port, FINETUNE, args) for i in range(2)], tmp_path / "logs")
     wait_until(logged(out / "metrics.jsonl", 2), launch)
     ranks = launch.ranks()
+    assert sorted(ranks) == [0, 1], ranks
     killed = time.monotonic()
-    ranks[1].kill()
-    (code, _), = exit_times(launch, killed, 60)
-    assert code != 0
+    ranks[1].kill()  # SIGKILL, mid-step
+    codes = exit_times(launch, killed, 60)
+    assert all(code != 0 for code, _ in codes), codes
+    assert codes[0][0] == 1, codes  # rank 0 ended on its own error, not on a signal or an abort
     assert not (out / "results.json").exists()
+    lines = error_lines(launch.stderr())
+    assert len(lines) == 1 and lines[0].startswith("error: [rank 0/2 on "), launch.text()[-6000:]
+    assert "lost contact with the other ranks" in lines[0] and "rank 1 stopped answering" in lines[0], lines
 
 
 def test_frozen_rank_stops_the_others_within_the_timeout(tiny_bert, tmp_path):

@@ -75,35 +75,39 @@ def _zero(**kw):
     return plan.ZeroSettings(**{**base, **kw})
 
 
+def test_model_state_terms_equal_a_measured_two_rank_step(tiny_bert, tmp_path):
+    """The partitioned terms against what a real 2-rank ZeRO-3 search step holds on each rank
+    (persistence threshold 0: every tensor partitioned; partitions are padded to a multiple
+    of the world size, hence the small tolerance)."""
+    from tests.conftest import torchrun
+
+    config = str(ROOT / "ds_configs" / "zero3_cpu.json")
+    torchrun(ROOT / "tests" / "workers" / "plan_worker.py", tiny_bert, config, tmp_path)
+    p = plan.estimate(plan.PlanInput(model=tiny_bert, world_size=2, deepspeed=config, per_device_train_batch_size=4,
+                                     max_seq_length=16, device="cpu"))
+    parts = {x.name: x.gb * plan.GB for x in p.parts}
+    for rank in (0, 1):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert measured["partitioned"] and measured["adam moments"] == 2
+        for name in ("frozen weights", "scores", "gradients", "optimizer states"):
+            assert measured[name] == pytest.approx(parts[name], rel=0.01), (rank, name, measured[name], parts[name])
+
+
 def test_terms_are_the_documented_formulas():
     inp = plan.PlanInput(model="x", world_size=4, per_device_train_batch_size=2, max_seq_length=16, device="gpu")
     p = plan.estimate(inp, shape=SHAPE, zero=_zero(), masked_bytes=(3.0, 1.0, 2.0))
     parts = {x.name: x.gb * plan.GB for x in p.parts}
-    tensors = plan.parameter_tensors(SHAPE)
-    p_w = sum(tensors.values())
-    masked = plan.masked_tensors(tensors)
-    p_s = sum(masked.values())
-    emb = masked["embeddings.word_embeddings.weight"]
-    assert p.params == {"backbone_and_head": p_w, "masked": p_s, "trainable": p_s}
-    assert parts["frozen weights"] == pytest.approx(p_w * 2 / 4)
-    assert parts["scores"] == pytest.approx(p_s * 2 / 4)
-    assert parts["gradients"] == pytest.approx(p_s * 2 / 4)
-    assert parts["optimizer states"] == pytest.approx(p_s * 12 / 4)
+    layer_max = max(v for k, v in plan.masked_tensors(plan.parameter_tensors(SHAPE)).items()
+                    if k.startswith("encoder.layer."))
+    p_s = p.params["masked"]
+    emb = plan.masked_tensors(plan.parameter_tensors(SHAPE))["embeddings.word_embeddings.weight"]
+    # the terms no measured step pins down here (transients; the measured per-entry bytes given)
     assert parts["reduce bucket"] == pytest.approx(10_000 * 2)
-    layer_max = max(v for k, v in masked.items() if k.startswith("encoder.layer."))
     assert parts["masked weights"] == pytest.approx((p_s - emb) * 3 + emb * 1 + layer_max * 2)
     assert parts["mask statistics"] == pytest.approx(p_s * 2.0 / 4)
     assert parts["gather buffers"] == pytest.approx(2 * (2 * layer_max) * 2)  # KD: 2 layer modules (W + S)
     assert parts["step temporaries"] == pytest.approx(3 * p_s / 4 * 4)
-    T, h, L, i = 32, 64, 2, 256
-    assert parts["activations"] == pytest.approx(T * (L * (10 * h + 2 * i) + 3 * h) * 2 + T * (L + 1) * h * 2
-                                                 + T * L * 2 * h * 4)
-    # the phases after the steps and before them (tamt_ds/export.py; the load)
-    largest = max(tensors.values())
-    assert parts["full masks"] == pytest.approx(p_s * 1)
-    assert parts["export buffers"] == pytest.approx(largest * (4 + 1) + largest * 2)  # fp32 checkpoint; N > 1
-    assert parts["checkpoint read"] == pytest.approx(p_w * 4)
-    assert parts["checkpoint copies"] == pytest.approx(p_s * 12 / 4)
+    # the phases after the steps and before them (tamt_ds/export.py; the load) live in host memory
     where = {x.name: x.where for x in p.parts}
     assert {where[k] for k in ("full masks", "export buffers", "checkpoint read", "checkpoint copies")} == {"host"}
     persistent = sum(x.gb for x in p.parts if x.kind == "persistent")

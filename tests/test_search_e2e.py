@@ -239,12 +239,23 @@ def test_resume_on_another_world_size(before, after, tiny_bert_dropout, tmp_path
 
 
 def test_mpirun_launch(tiny_bert, tmp_path):
-    """MPI discovery: `mpirun -np 2 python launchers/search.py` (MPI from the mpich wheel)."""
+    """MPI discovery: `mpirun -np 2 python launchers/search.py` (MPI from the mpich wheel) is the
+    same 2-rank search as torchrun's: the same mask and losses, one log stream."""
     mpirun = Path(sys.executable).parent / "mpirun"
-    out = tmp_path / "mpi"
+    out, ref = tmp_path / "mpi", tmp_path / "torchrun"
+    args = ["--max_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--warmup_steps", "0"]
     proc = subprocess.run([str(mpirun), "-np", "2", "-genv", "OMP_NUM_THREADS", "1", sys.executable, str(LAUNCHER),
-                           *common(tiny_bert, out, "--max_steps", "2", "--save_steps", "2")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           *common(tiny_bert, out, *args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(LAUNCHER, *common(tiny_bert, ref, *args))
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
-    assert (out / "mask.pt").exists() and (out / "pruned_model" / "config.json").exists()
+    assert (out / "pruned_model" / "config.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints" / "step3").iterdir()) == ["complete.json", "rank0.pt", "rank1.pt"]
+    rows, ref_rows = _train_rows(out / "metrics.jsonl"), _train_rows(ref / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 alone logs
+    assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in ref_rows]
+    a, b = torch.load(out / "mask.pt", weights_only=True), torch.load(ref / "mask.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert ref_rows[-1]["mask/distance_to_init"] > 0  # the masks really moved

@@ -1,5 +1,6 @@
 """Bad input: one line naming the fix, non-zero exit, nothing already written lost."""
 import json
+import re
 import subprocess
 import sys
 
@@ -67,11 +68,27 @@ def test_mask_file_from_another_model(tiny_bert, tiny_roberta_mlm, tmp_path, cap
 
 
 @pytest.mark.parametrize("content", ["", "short text only\n"])
-def test_empty_or_too_short_corpus(content, tiny_bert, tmp_path, capsys):
+@pytest.mark.parametrize("validation", ["carved", "own file"])
+def test_empty_or_too_short_corpus(content, validation, tiny_bert, tmp_path, capsys):
+    """Without --validation_files the held-out blocks are carved from the corpus first, and
+    that is what a tiny corpus fails; with them, the training stream's own check."""
     corpus = tmp_path / "c.txt"
     corpus.write_text(content)
-    code, err = run_main(base(tiny_bert, tmp_path / "out") + ["--train_files", str(corpus)], capsys)
-    assert code == 2 and err[-1].startswith("error:"), err
+    extra = ["--train_files", str(corpus)]
+    if validation == "own file":
+        extra += ["--validation_files", str(ROOT / "tamt_ds" / "data" / "sample" / "validation.txt")]
+    code, err = run_main(base(tiny_bert, tmp_path / "out") + extra, capsys)
+    errors = [l for l in err if l.startswith("error:")]
+    assert code == 2 and errors == [err[-1]], err  # one line, the last one, no traceback
+    if validation == "carved":
+        expect = (rf"error: cannot carve 2 validation blocks from '{re.escape(str(corpus))}': it holds only 0 blocks "
+                  r"of 32 tokens; pass --validation_files, or a smaller --validation_blocks")
+    else:
+        expect = (r"error: corpus too short: it holds \d+ text tokens \(after any carved validation set\), fewer than "
+                  r"one block of \d+ for each of the 1 readers \(world_size=1 x 1 workers\); use more data, a smaller "
+                  r"--max_seq_length or fewer ranks / workers")
+    assert re.fullmatch(expect, err[-1]), err
+    assert not (tmp_path / "out").exists()  # stopped before writing anything
 
 
 def test_output_dir_of_another_run_is_refused_and_kept(tiny_bert, tmp_path, capsys):

@@ -168,21 +168,58 @@ def test_correlations_match_the_table(study):
     assert not any(c["loss"] == "mlm_loss" for c in corr)  # tiny_bert has no pre-trained MLM head
 
 
-def test_figures_written_and_plot_only(study):
+def drawn_pixels(path: Path):
+    """The figure's RGB pixels, after checking it shows more than axes on a blank canvas."""
     import matplotlib.image as mpimg
+    import numpy as np
+
+    rgb = mpimg.imread(path)[..., :3]
+    assert rgb.shape[0] > 200 and rgb.shape[1] > 300, path
+    background = rgb[0, 0]
+    inked = np.abs(rgb - background).max(axis=-1) > 0.1
+    coloured = rgb.max(axis=-1) - rgb.min(axis=-1) > 0.15  # data (markers, lines, cells); axes and text are grey
+    assert inked.mean() > 0.01, (path, inked.mean())
+    assert coloured.mean() > 0.002, (path, coloured.mean())
+    assert rgb.std() > 0.02, path
+    return rgb
+
+
+def test_figures_written_and_plot_only(study):
+    import numpy as np
 
     out = study["out"]
     names = ["fig_downstream_vs_sparsity.png", "fig_downstream_vs_kd_loss.png", "fig_mask_overlap_s0.2.png",
              "fig_mask_overlap_s0.4.png", "fig_sparsity_profile.png"]
-    for name in names:
-        image = mpimg.imread(out / name)
-        assert image.shape[0] > 200 and image.shape[1] > 300, name
+    drawn = {name: drawn_pixels(out / name) for name in names}
     assert not (out / "fig_downstream_vs_mlm_loss.png").exists()
+    rows = (out / "study.json").read_text()
     for name in names:
         (out / name).unlink()
     proc = run_study(study["config"], "--plot-only", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert all((out / n).exists() for n in names) and "job(s) to run" not in proc.stdout
+    assert "job(s) to run" not in proc.stdout
+    for name in names:  # the same pictures, drawn again from the recorded results alone
+        assert np.array_equal(drawn_pixels(out / name), drawn[name]), name
+    assert (out / "study.json").read_text() == rows
+
+    # --plot-only reads the results as they are now: a changed evaluation moves its point
+    ev_path = out / "eval" / "tamt-kd_s0.2_m1.json"
+    original = ev_path.read_text()
+    ev = json.loads(original)
+    ev["kd_loss"] *= 3
+    ev_path.write_text(json.dumps(ev))
+    try:
+        proc = run_study(study["config"], "--plot-only", timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not np.array_equal(drawn_pixels(out / "fig_downstream_vs_kd_loss.png"),
+                                  drawn["fig_downstream_vs_kd_loss.png"])
+        assert np.array_equal(drawn_pixels(out / "fig_sparsity_profile.png"), drawn["fig_sparsity_profile.png"])
+        assert {r["kd_loss"] for r in json.loads((out / "study.json").read_text())
+                if r["method"] == "tamt-kd" and r["sparsity"] == 0.2} == {ev["kd_loss"]}
+    finally:
+        ev_path.write_text(original)
+        assert run_study(study["config"], "--plot-only", timeout=600).returncode == 0  # as the other tests expect
+    assert (out / "study.json").read_text() == rows
 
 
 @pytest.mark.parametrize("section, key, value, refused", [
@@ -244,10 +281,30 @@ def test_no_dev_or_test_input_of_the_tasks_in_the_upstream_sample():
 
 
 def test_spearman_interval():
+    import numpy as np
+    from scipy.stats import rankdata, spearmanr
+
     from tamt_ds.study.report import spearman_with_interval
 
     up = spearman_with_interval([1, 2, 3, 4, 5], [10, 20, 30, 40, 50])
     assert up["rho"] == pytest.approx(1.0) and up["low"] == pytest.approx(1.0) and up["n"] == 5
-    mixed = spearman_with_interval([1, 2, 3, 4, 5, 6], [3, 1, 4, 1, 5, 9])
-    assert -1 <= mixed["low"] < mixed["high"] <= 1 and -1 <= mixed["rho"] <= 1
+    x = [0.31, 0.12, 0.55, 0.47, 0.12, 0.90, 0.66, 0.25, 0.71, 0.05, 0.38, 0.83]  # ties in x and in y
+    y = [71.0, 80.5, 64.2, 66.0, 79.1, 60.3, 66.0, 74.9, 58.2, 77.7, 70.1, 69.0]
+    got = spearman_with_interval(x, y, resamples=500, seed=3)
+    assert got["rho"] == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    rx, ry = rankdata(x), rankdata(y)  # Spearman = Pearson of the (average) ranks
+    assert got["rho"] == pytest.approx(np.corrcoef(rx, ry)[0, 1], abs=1e-12)
+    # the interval: the same percentile bootstrap, computed here without scipy's spearmanr
+    rng = np.random.default_rng(3)
+    xs, ys, rhos = np.asarray(x), np.asarray(y), []
+    for _ in range(500):
+        idx = rng.integers(0, len(x), len(x))
+        if np.ptp(xs[idx]) == 0 or np.ptp(ys[idx]) == 0:
+            continue
+        rhos.append(np.corrcoef(rankdata(xs[idx]), rankdata(ys[idx]))[0, 1])
+    assert got["resamples_used"] == len(rhos)
+    assert got["low"] == pytest.approx(np.percentile(rhos, 2.5), abs=1e-9)
+    assert got["high"] == pytest.approx(np.percentile(rhos, 97.5), abs=1e-9)
+    assert got["low"] < got["rho"] < got["high"]
     assert spearman_with_interval([1, 2], [2, 1])["rho"] is None  # too few points
+    assert spearman_with_interval([1, 2, 3], [5, 5, 5])["rho"] is None  # a constant variable
