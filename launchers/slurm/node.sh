@@ -8,7 +8,7 @@ set -euo pipefail
 # A node with GPUs whose torch cannot use them would train on CPU over gloo without a word.
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 if [[ $gpus == 0 && -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != NoDevFiles ]]; then
-  gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+  gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c '^[^-]' || true)  # -1 hides every GPU
 fi
 if ((gpus > 0)) && ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   echo "error: node $(hostname) has $gpus GPU(s) but the torch of $PYTHON cannot use CUDA: install a CUDA build" \
