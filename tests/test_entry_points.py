@@ -4,11 +4,10 @@ exit path, which destroys the process group after a clean run."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.cluster import CPU_CONFIG, FINETUNE, PYTHON, ROOT, SEARCH, env, search_args
+from tests.cluster import CPU_CONFIG, PYTHON, ROOT, SEARCH, env, search_args
 from tests.conftest import torchrun
 from tests.test_finetune_cli import write_local_classification
 
