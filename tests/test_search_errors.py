@@ -38,13 +38,29 @@ def test_exit_code_and_single_line_from_a_real_process(tmp_path):
     (["--objective", "mse"], "unknown --objective 'mse'"),
     (["--mask_patterns", "nothing_here$"], "pass --mask_patterns"),
     (["--deepspeed", "/nonexistent/ds.json"], "pass --deepspeed with one of"),
-    (["--deepspeed", str(ROOT / "ds_configs" / "zero3_fp16.json")], "fp16, which this device does not support"),
     (["--mask_init", "/nonexistent/mask.pt"], "mask file '/nonexistent/mask.pt' not found"),
 ])
 def test_bad_arguments(extra, expect, tiny_bert, tmp_path, capsys):
     code, err = run_main(base(tiny_bert, tmp_path / "out") + extra, capsys)
     assert code == 2 and len([l for l in err if l.startswith("error:")]) == 1, err
     assert expect in err[-1], err
+
+
+def test_fp16_config_follows_the_device(tiny_bert, tmp_path, capsys):
+    """zero3_fp16.json: refused with one line where the device has no fp16 (most CPUs), run where it has
+    (GPUs; CPUs whose DeepSpeed accelerator reports fp16, e.g. with AVX512-FP16 / AMX-FP16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    out = tmp_path / "out"
+    code, err = run_main(base(tiny_bert, out) + ["--deepspeed", str(ROOT / "ds_configs" / "zero3_fp16.json")], capsys)
+    if get_accelerator().is_fp16_supported():
+        assert code == 0, err
+        assert json.loads((out / "run_config.json").read_text())["deepspeed"]["fp16"]["enabled"] is True
+        assert (out / "mask.pt").is_file()
+    else:
+        assert code == 2 and len([l for l in err if l.startswith("error:")]) == 1, err
+        assert "fp16, which this device does not support" in err[-1], err
+        assert not out.exists()
 
 
 def test_unknown_model(tmp_path, capsys):

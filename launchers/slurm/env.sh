@@ -25,7 +25,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # The srun step: one task per node with every CPU of the node, unbound (srun would pin the
 # task, and so all of torchrun's ranks, to one CPU: since Slurm 22.05 it does not inherit
 # sbatch's --cpus-per-task), and the node's GPUs named (what a step gets of the job's GPUs
-# by default has changed between Slurm versions).  --kill-on-bad-exit: when one node's launcher fails,
-# SLURM ends the others (a frozen rank would otherwise keep its node's launcher waiting).
+# by default has changed between Slurm versions).  --kill-on-bad-exit: when one node's
+# launcher fails, SLURM ends the others (a frozen rank would otherwise keep its node's
+# launcher waiting).
 SRUN_ARGS=(--nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_NODE" --cpu-bind=none
            --kill-on-bad-exit=1 ${SLURM_GPUS_ON_NODE:+--gpus-per-node="$SLURM_GPUS_ON_NODE"})
