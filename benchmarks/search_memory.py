@@ -4,7 +4,7 @@
 
 Runs `launchers/search.py` (1 rank, plain python, default DeepSpeed config, 4 x 128 tokens)
 as a child process, samples its resident set (VmRSS) every 0.5 s, and prints the peak over
-the steps (until the progress bar reaches the last step), the peak after them (evaluation,
+the steps (until metrics.jsonl has the last step's row), the peak after them (evaluation,
 checkpoint, mask consolidation and export of pruned_model/), the whole-process high-water
 mark (the kernel's, getrusage of the child) and the memory model's prediction
 (tamt_ds/plan.py: each phase's peak and the whole process's).  docs/scaling.md records them.
@@ -60,7 +60,6 @@ def main(argv=None) -> int:
                             env={**os.environ, "PYTHONPATH": args.repo})
     steps_done_at: list[float] = []
     log: list[str] = []
-    last_step = re.compile(rf"\b{args.steps}/{args.steps}\b")
 
     def read_output():
         buf = b""
@@ -70,8 +69,6 @@ def main(argv=None) -> int:
             for line in lines:
                 text = line.decode(errors="replace")
                 log.append(text)
-                if not steps_done_at and last_step.search(text):
-                    steps_done_at.append(time.perf_counter() - t0)
 
     reader = threading.Thread(target=read_output, daemon=True)
     reader.start()
@@ -86,6 +83,9 @@ def main(argv=None) -> int:
         if rss is not None:
             samples.append((now, rss))
         seen.update({k: now for k, path in marks.items() if k not in seen and path.exists()})
+        metrics = Path(out_dir, "metrics.jsonl")  # the last step's row: logged right after it
+        if not steps_done_at and metrics.exists() and f'"step": {args.steps},' in metrics.read_text():
+            steps_done_at.append(now)
         time.sleep(args.interval)
     reader.join(timeout=10)
     shutil.rmtree(out_dir, ignore_errors=True)  # checkpoint and pruned model: GBs
