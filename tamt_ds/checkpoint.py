@@ -27,8 +27,6 @@ not the one `latest` names.
 """
 from __future__ import annotations
 
-import copy
-import glob
 import hashlib
 import json
 import os
