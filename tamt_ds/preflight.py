@@ -263,7 +263,7 @@ def check_corpus(job: Job, report: Report) -> None:
         report.add("corpus", "corpus", "none (the job reads task data: checked when it loads)")
         return
     from tamt_ds.data import corpus as c
-    from tamt_ds.data.sources import examples_per_shard, open_source, reader_share
+    from tamt_ds.data.sources import open_source, reader_share
 
     data, n = job.corpus, report.world_size
     if job.trains_on_corpus:
@@ -282,26 +282,27 @@ def check_corpus(job: Job, report: Report) -> None:
             c._check_hub_files(specs, opened, readers, n, data.allow_hub_strided)
         except c.CorpusError as e:
             report.problems.append(str(e))
-        total_examples = 0
+        tokenizer = _tokenizer_of(job.model)
+        tokens = 0.0
         for spec, ds in zip(specs, opened):
-            sizes = examples_per_shard(spec, ds)
-            share = reader_share(ds.num_shards, 0, readers, None, sizes)
-            examples = sum(sizes) if sizes else None
-            total_examples += examples or 0
-            where = f"{ds.num_shards} shard(s), {examples if examples is not None else 'unknown'} documents"
-            report.add("corpus", f"source {spec.label}", f"{where}; each reader: {share.mode}")
-            if share.mode == "strided" and sizes is not None and examples < readers:
+            docs, source_tokens, exact = _source_size(spec, ds, tokenizer)
+            share = reader_share(ds.num_shards, 0, readers).mode
+            label = os.path.basename(spec.label.rstrip("/")) or spec.label
+            about = "" if exact else "~"
+            report.add("corpus", f"source {label}", f"{ds.num_shards} shard(s), {about}{docs:,.0f} documents, "
+                                                    f"~{source_tokens:,.0f} tokens; readers read {share}" if docs else
+                       f"{ds.num_shards} shard(s), size unknown; readers read {share}")
+            tokens = tokens + source_tokens if docs and tokens is not None else None
+            if docs and share == "strided" and docs < readers:
                 report.problems.append(
-                    f"source {spec.label} holds {examples} documents for {readers} readers: readers "
-                    f"{examples}..{readers - 1} would get none; use more data, fewer ranks or --dataloader_num_workers 0")
+                    f"source {spec.label} holds {about}{docs:,.0f} documents for {readers} readers: readers from "
+                    f"{int(docs)} on would get none; use more data, fewer ranks or --dataloader_num_workers 0")
         tokens_per_step = n * job.micro_batch * job.grad_accum * data.max_seq_length
         report.add("corpus", "tokens per step", f"{tokens_per_step:,} = {n} ranks x {job.micro_batch} x "
-                                                 f"{job.grad_accum} x {data.max_seq_length}")
-        tokens = _estimated_tokens(job, specs, opened)
+                                                 f"{job.grad_accum} accumulation x {data.max_seq_length}")
         if tokens:
-            report.add("corpus", "steps per epoch", f"~{tokens / tokens_per_step:,.1f} (~{tokens:,.0f} tokens, "
-                                                     f"from the first documents' tokens per document)")
-            if tokens < readers * (data.max_seq_length - 2):
+            report.add("corpus", "steps per epoch", f"~{tokens / tokens_per_step:,.1f} (~{tokens:,.0f} tokens)")
+            if tokens < readers * data.max_seq_length:
                 report.problems.append(
                     f"corpus too short: ~{tokens:,.0f} tokens, fewer than one block of {data.max_seq_length} for each "
                     f"of the {readers} readers; use more data, a smaller --max_seq_length or fewer ranks / workers")
@@ -319,28 +320,34 @@ def check_corpus(job: Job, report: Report) -> None:
         report.add("corpus", "validation blocks per rank", "none (--validation_blocks 0)")
 
 
-def _estimated_tokens(job: Job, specs, opened, docs: int = 512) -> float | None:
-    """Tokens per epoch of all sources: tokens per document of each source's first documents
-    times its document count (None where a count is unknown)."""
-    from tamt_ds.data.sources import column_texts, examples_per_shard, shard_dataset
+def _tokenizer_of(model: str):
     from tamt_ds.models import DEFAULT_MODEL, RANDOM_PREFIX, load_tokenizer
 
-    # config: models carry the packaged MiniLM tokenizer (models.build_random_model): no build needed
-    tokenizer = load_tokenizer(DEFAULT_MODEL if job.model.startswith(RANDOM_PREFIX) else job.model)
-    total = 0.0
-    for spec, ds in zip(specs, opened):
-        sizes = examples_per_shard(spec, ds)
-        if not sizes:
-            return None
-        texts = []
-        for batch in shard_dataset(ds, 0).iter(batch_size=docs):
-            texts = [t for t in column_texts(batch, spec.text_column) or [] if t and not t.isspace()]
-            break
-        if not texts:
-            continue
-        per_doc = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) / len(texts)
-        total += per_doc * sum(sizes)
-    return total
+    # config: models carry the packaged MiniLM tokenizer (models.build_random_model): nothing to build
+    return load_tokenizer(DEFAULT_MODEL if model.startswith(RANDOM_PREFIX) else model)
+
+
+def _source_size(spec, ds, tokenizer, sample_docs: int = 512) -> tuple[float | None, float, bool]:
+    """(documents, tokens, whether the document count is exact) of one source, from its first
+    documents: the count where the source knows it (parquet, hub), else its files' bytes over the
+    bytes per document (uncompressed local files); (None, 0, False) where neither is known."""
+    from tamt_ds.data.sources import column_texts, examples_per_shard, shard_dataset
+
+    texts = []
+    for batch in shard_dataset(ds, 0).iter(batch_size=sample_docs):
+        texts = [t for t in column_texts(batch, spec.text_column) or [] if t and not t.isspace()]
+        break
+    if not texts:
+        return None, 0.0, False
+    tokens_per_doc = sum(len(i) for i in tokenizer(texts, add_special_tokens=False)["input_ids"]) / len(texts)
+    sizes = examples_per_shard(spec, ds)
+    if sizes:
+        return float(sum(sizes)), tokens_per_doc * sum(sizes), True
+    if spec.files and not any(f.endswith((".gz", ".zst", ".parquet")) for f in spec.files):
+        bytes_per_doc = sum(len(t.encode()) + 1 for t in texts) / len(texts)  # + its separator
+        docs = sum(os.path.getsize(f) for f in spec.files) / bytes_per_doc
+        return docs, docs * tokens_per_doc, False
+    return None, 0.0, False
 
 
 def check_memory(job: Job, report: Report, preflight: PreflightArguments) -> None:
