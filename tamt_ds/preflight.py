@@ -474,11 +474,12 @@ def check_resume(job: Job, report: Report, model: dict) -> None:
         for name, entry in saved["params"].items():
             pieces.setdefault(name, []).append((entry["offset"], entry["fp32"].numel()))
             numel[name] = entry["numel"]
-    want = set(model["trainable"])
-    if set(numel) != want:
-        other = sorted(set(numel) ^ want)[0]
-        report.problems.append(f"checkpoint {found.folder} and this run train different parameters ({other}, ...): "
-                               f"resume with the same --objective and --mask_patterns")
+    # The model's names carry its class's prefix (bert. with an MLM head): the tensors' sizes are compared
+    want = sorted(model["trainable"].values())
+    if sorted(numel.values()) != want:
+        report.problems.append(f"checkpoint {found.folder} trains {len(numel)} tensors of {sum(numel.values()):,} "
+                               f"entries, this run {len(want)} of {sum(want):,}: resume with the same --objective "
+                               f"and --mask_patterns, or use another --output_dir")
         return
     n, gaps = report.world_size, []
     for name, size in numel.items():
