@@ -455,7 +455,7 @@ def check_resume(job: Job, report: Report, model: dict) -> None:
     tag, notes = checkpoint._choose(root)
     report.warnings.extend(notes)
     if tag is None:
-        report.add("resume", "checkpoint", f"none in {root}: the search starts at step 0")
+        report.add("resume", "newest checkpoint", f"none in {root}: the search starts at step 0")
         return
     found = checkpoint.Found(tag, os.path.join(root, tag), {})
     with open(os.path.join(found.folder, checkpoint.COMPLETE)) as f:
@@ -488,7 +488,7 @@ def check_resume(job: Job, report: Report, model: dict) -> None:
             lo, real = zero_share(size, r, n)
             if real and not _contains(covered, lo, lo + real):
                 gaps.append((name, r))
-    report.add("resume", "checkpoint", f"{found.folder}: step {found.step}, saved on {old} rank(s)")
+    report.add("resume", "newest checkpoint", f"{found.folder}: step {found.step}, saved on {old} rank(s)")
     if gaps:
         name, r = gaps[0]
         report.problems.append(f"checkpoint {found.folder} misses part of {name} (rank {r} of {n}): it cannot be "

@@ -32,7 +32,7 @@ def run(capsys, entry: str, *argv) -> tuple[int, str, list[str]]:
 
 
 def row(table: str, item: str) -> str:
-    match = re.search(rf"^   {re.escape(item)}\s+(.*)$", table, re.M)
+    match = re.search(rf"^   {re.escape(item)}  +(\S.*)$", table, re.M)
     assert match, f"no row {item!r} in\n{table}"
     return match.group(1)
 
@@ -167,7 +167,7 @@ def test_resume_reshards_the_newest_checkpoint(searched, capsys, monkeypatch):
             "--per_device_train_batch_size", 4, "--max_steps", 4, "--resume"]
     code, table, errors = run(capsys, "search", "--preflight_world_size", 3, *base)
     assert code == 0, errors
-    assert "step2: step 2, saved on 1 rank(s)" in row(table, "checkpoint")
+    assert "step2: step 2, saved on 1 rank(s)" in row(table, "newest checkpoint")
     assert row(table, "reshards to 3 ranks").startswith("yes")
     # a checkpoint whose saved pieces do not cover every rank's range cannot be resharded
     import torch
