@@ -96,6 +96,7 @@ class Job:
     outputs_note: str = ""
     resume: bool = False
     seed: int = 42
+    start_problems: list[str] = field(default_factory=list)  # what the entry point's own start checks refuse
 
 
 def job_of(entry: str, argv: list[str]) -> Job:
@@ -108,18 +109,22 @@ def job_of(entry: str, argv: list[str]) -> Job:
         saves = math.ceil(args.max_steps / args.save_steps)
         # a save completes before the oldest beyond the limit is deleted: limit + 1 exist for a moment
         kept = saves if args.save_total_limit == 0 else min(saves, args.save_total_limit + 1)
-        return Job(entry, args.model_name_or_path, args.deepspeed, args.per_device_train_batch_size,
+        job = Job(entry, args.model_name_or_path, args.deepspeed, args.per_device_train_batch_size,
                    args.gradient_accumulation_steps, args.max_grad_norm, data.max_seq_length, args.objective, "scores",
-                   args.gradient_checkpointing, args.mask_patterns, data, True, args.output_dir, kept,
-                   resume=args.resume, seed=args.seed)
+                  args.gradient_checkpointing, args.mask_patterns, data, True, args.output_dir, kept,
+                  resume=args.resume, seed=args.seed)
+        job.start_problems = _refused(s.check_output_dir, args)
+        return job
     if entry == "imp":
         from tamt_ds import imp as m
 
         args, data = m.parse_args(argv)
         levels = m.validate(args, data)
-        return Job(entry, args.model_name_or_path, args.deepspeed, args.per_device_train_batch_size,
-                   args.gradient_accumulation_steps, args.max_grad_norm, data.max_seq_length, "mlm", "all",
-                   corpus=data, output_dir=args.output_dir, levels=len(levels), resume=args.resume, seed=args.seed)
+        job = Job(entry, args.model_name_or_path, args.deepspeed, args.per_device_train_batch_size,
+                  args.gradient_accumulation_steps, args.max_grad_norm, data.max_seq_length, "mlm", "all",
+                  corpus=data, output_dir=args.output_dir, levels=len(levels), resume=args.resume, seed=args.seed)
+        job.start_problems = _refused(m.check_output_dir, args)
+        return job
     if entry == "finetune":
         from tamt_ds.downstream import arguments as f
 
@@ -139,6 +144,16 @@ def job_of(entry: str, argv: list[str]) -> Job:
                    args.max_seq_length, "kd", "none", corpus=e.corpus_arguments(args), trains_on_corpus=False,
                    output_dir=out, seed=args.seed)
     raise ValueError(f"no pre-flight for entry point {entry!r}")
+
+
+def _refused(check, args) -> list[str]:
+    from tamt_ds.errors import InputError
+
+    try:
+        check(args)
+    except InputError as e:
+        return [str(e)]
+    return []
 
 
 # ---- the report -----------------------------------------------------------------------------
@@ -308,6 +323,14 @@ def check_corpus(job: Job, report: Report) -> None:
                     f"of the {readers} readers; use more data, a smaller --max_seq_length or fewer ranks / workers")
     blocks = data.validation_blocks
     if blocks > 0:
+        try:
+            mode, vspecs = c._validation_plan(data, c._train_sources(data)[0])
+            for spec in vspecs:
+                open_source(spec)
+            report.add("corpus", "validation set", f"{mode}: " + ", ".join(
+                os.path.basename(v.label.rstrip("/")) or v.label for v in vspecs))
+        except c.CorpusError as e:
+            report.problems.append(str(e))
         per_rank = [validation_share(blocks, r, n, job.micro_batch) for r in range(n)]
         real = [b for b, _ in per_rank]
         report.add("corpus", "validation blocks per rank", f"{min(real)}..{max(real)} of {blocks} "
@@ -518,6 +541,7 @@ def preflight(entry: str, argv: list[str] | None = None) -> Report:
     job = job_of(entry, job_argv)
     report = Report(options.preflight_world_size)
     report.add("job", "entry point", f"{entry}, {report.world_size} ranks")
+    report.problems.extend(job.start_problems)
     cfg = check_deepspeed(job, report)
     model = check_model(job, report, cfg)
     check_corpus(job, report)

@@ -189,3 +189,15 @@ def test_resume_reshards_the_newest_checkpoint(searched, capsys, monkeypatch):
     code, _, errors = run(capsys, "search", "--preflight_world_size", 3, *base[2:], "--model_name_or_path",
                           "config:bert-base-uncased")
     assert code == 2 and "was made from model" in errors[0]
+
+
+def test_what_the_job_refuses_at_start_is_a_problem(capsys, tmp_path):
+    held = tmp_path / "run"
+    held.mkdir()
+    (held / "metrics.jsonl").write_text("{}\n")
+    code, _, errors = run(capsys, "search", "--preflight_world_size", 4, "--output_dir", held,
+                          "--validation_files", tmp_path / "missing.txt")
+    assert code == 2 and len(errors) == 2
+    assert "already holds a run: pass --resume" in errors[0] and "corpus file not found" in errors[1]
+    code, _, errors = run(capsys, "search", "--preflight_world_size", 4, "--output_dir", held, "--overwrite_output_dir")
+    assert code == 0, errors
