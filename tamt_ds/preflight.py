@@ -21,6 +21,7 @@ Every per-rank figure is a pure function of (rank, world_size), so N = 512 is ch
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -480,11 +481,8 @@ def check_resume(job: Job, report: Report, model: dict) -> None:
     if tag is None:
         report.add("resume", "newest checkpoint", f"none in {root}: the search starts at step 0")
         return
-    found = checkpoint.Found(tag, os.path.join(root, tag), {})
-    with open(os.path.join(found.folder, checkpoint.COMPLETE)) as f:
-        import json
-
-        found.meta = json.load(f)
+    with open(os.path.join(root, tag, checkpoint.COMPLETE)) as f:
+        found = checkpoint.Found(tag, os.path.join(root, tag), json.load(f))
     if found.meta["model"]["name"] != job.model:
         report.problems.append(f"checkpoint {found.folder} was made from model {found.meta['model']['name']!r}: resume "
                                f"with --model_name_or_path {found.meta['model']['name']}, or use another --output_dir")

@@ -201,3 +201,15 @@ def test_what_the_job_refuses_at_start_is_a_problem(capsys, tmp_path):
     assert "already holds a run: pass --resume" in errors[0] and "corpus file not found" in errors[1]
     code, _, errors = run(capsys, "search", "--preflight_world_size", 4, "--output_dir", held, "--overwrite_output_dir")
     assert code == 0, errors
+
+
+def test_checkpoint_bytes_are_the_files_written(searched):
+    """The disk figure is the real rank file's size, less its few kB of data position and RNG."""
+    model, out = searched
+    job = preflight.job_of("search", ["--model_name_or_path", model, "--output_dir", str(out), "--deepspeed",
+                                      str(CPU_CONFIG)])
+    report = preflight.Report(1)
+    tensors = preflight.check_model(job, report, preflight.check_deepspeed(job, report))
+    predicted = preflight.checkpoint_rank_bytes(tensors["trainable"], 0, 1)
+    written = (out / "checkpoints" / "step2" / "rank0.pt").stat().st_size
+    assert predicted <= written <= predicted + 64_000
