@@ -51,9 +51,14 @@ def test_bert_large_search_fits_and_prints_each_ranks_share(world, tmp_path):
     # ZeRO's layout: 335.142M weights in ceil(numel / N) slices (tensors under the persistence
     # threshold whole on every rank), one score next to each of the 334.293M masked entries
     assert "335.142M / 334.293M in 146 matrices" in row(table, "parameters / masked / trainable")
-    scores = row(table, "scores per rank")
-    per_rank = preflight.rank_elements({"s": 334_293_000}, 0, world)
-    assert f"rank {world - 1}:" in scores and f"{per_rank / 1e6:.3f}M"[:4] in scores
+    # each masked matrix (TAMT's: word embeddings, every encoder linear, the pooler; numel from the
+    # published shape) in ZeRO's ceil(numel / N) slices, none under zero3_bf16.json's threshold
+    h, i, layers = 1024, 4096, 24
+    masked = [30522 * h] + layers * ([h * h] * 4 + [h * i, i * h]) + [h * h]
+    assert len(masked) == 146 and round(sum(masked) / 1e6, 3) == 334.293
+    rank0 = sum(-(-k // world) for k in masked)
+    assert row(table, "scores per rank").startswith(f"rank 0: {rank0 / 1e6:.3f}M, rank {world - 1}: ")
+    assert row(table, "weights per rank").startswith("rank 0: ")
     gpu = float(row(table, "GPU peak").split()[0])
     assert 0 < gpu < 72 and "activations" in table and "optimizer states" in table
     assert f"{world} = {world} ranks x 1 workers" in row(table, "readers")
@@ -213,3 +218,12 @@ def test_checkpoint_bytes_are_the_files_written(searched):
     predicted = preflight.checkpoint_rank_bytes(tensors["trainable"], 0, 1)
     written = (out / "checkpoints" / "step2" / "rank0.pt").stat().st_size
     assert predicted <= written <= predicted + 64_000
+
+
+def test_host_memory_per_node(capsys, tmp_path):
+    args = ["--preflight_world_size", 64, *BERT_LARGE, "--output_dir", tmp_path / "o", "--ranks_per_node", 8]
+    code, out, _ = run(capsys, "search", *args)
+    node = float(row(out, "host (load / checkpoint / export)").split()[0])
+    assert code == 0 and node > 1.3  # rank 0 reads the whole 1.34 GB fp32 checkpoint at load
+    code, _, errors = run(capsys, "search", *args, "--host_memory_gb", 1)
+    assert code == 2 and len(errors) == 1 and "of host memory per node does not fit 1 GB" in errors[0]
