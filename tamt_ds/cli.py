@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
+from dataclasses import dataclass, field
 
 from tamt_ds.errors import InputError
 
@@ -54,3 +56,35 @@ def check_at_least(args, minimum: float, names: tuple[str, ...], error: type[Inp
         default = defaults.get(name)
         example = f" (default {default:g})" if isinstance(default, (int, float)) and default >= minimum else ""
         raise error(f"--{name} must be at least {minimum:g}, got {value}: pass --{name} {minimum:g} or more{example}")
+
+
+@dataclass
+class PreflightArguments:
+    """`--preflight_world_size N` on any entry point: check the job for N ranks and exit
+    (tamt_ds/preflight.py); the other flags here size what it is checked against."""
+    preflight_world_size: int = field(default=1, metadata={
+        "help": "check, in this one process, everything the job needs on N ranks; exit 0 (would start and fit) or 2"})
+    gpu_memory_gb: float = field(default=80.0, metadata={"help": "memory of one GPU (default: 80, an A100/H100)"})
+    ranks_per_node: int = field(default=8, metadata={"help": "GPUs per node, for host memory per node"})
+    host_memory_gb: float | None = field(default=None, metadata={"help": "host memory of one node (default: not checked)"})
+
+
+PREFLIGHT_FLAG = "--preflight_world_size"
+
+
+def split_preflight(argv: list[str] | None = None) -> tuple[PreflightArguments | None, list[str]]:
+    """(the pre-flight's arguments, the job's own) when --preflight_world_size is given, else
+    (None, argv unchanged): without it, --gpu_memory_gb and the rest stay unknown flags of the job."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.split("=", 1)[0] == PREFLIGHT_FLAG for a in argv):
+        return None, argv
+    ours_flags = {f"--{f.name}" for f in dataclasses.fields(PreflightArguments)}
+    ours, job, i = [], [], 0
+    while i < len(argv):
+        take = 1 if "=" in argv[i] or argv[i].split("=", 1)[0] not in ours_flags else 2
+        (ours if argv[i].split("=", 1)[0] in ours_flags else job).extend(argv[i:i + take])
+        i += take
+    (preflight,) = parse_arguments((PreflightArguments,), ours)
+    check_at_least(preflight, 1, ("preflight_world_size", "ranks_per_node"))
+    check_at_least(preflight, 0.1, ("gpu_memory_gb", "host_memory_gb"))
+    return preflight, job

@@ -257,6 +257,10 @@ def parse_args(argv=None) -> EvaluateMaskArguments:
 def main(argv=None) -> int:
     from tamt_ds.errors import run_cli
 
+    from tamt_ds import preflight
+
+    if preflight.requested(argv):  # checks the job for N ranks in this one process, then exits
+        return preflight.main("evaluate_mask", argv)
     return run_cli(lambda: evaluate_masks(parse_args(argv)))
 
 
