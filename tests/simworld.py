@@ -2,8 +2,9 @@
 
 `run_ranks(world, fn)` runs `fn(rank)` once per simulated rank, each in its own thread, with
 tamt_ds.sharding answering as rank r of `world` would: `rank()`, `world_size()`,
-`distributed()`, and `all_reduce_` returning the sum (max, min) over every rank's tensor of
-the same call, as the real all-reduce hands every rank.  The ranks run in lockstep at each
+`distributed()`, `all_reduce_` returning the sum (max, min) over every rank's tensor of
+the same call, as the real all-reduce hands every rank, and `barrier`, `gather_objects`,
+`broadcast_object`.  The ranks run in lockstep at each
 all-reduce (a barrier), so a collective's result can feed the next step, as in the radix
 selection of tamt_ds/thresholds.py.  Nothing is gathered that the real code does not gather:
 only what crosses `sharding.all_reduce_` is combined.
@@ -44,12 +45,17 @@ _REDUCE = {"sum": lambda t: t.sum(0), "max": lambda t: t.amax(0), "min": lambda 
 
 
 @contextmanager
-def _patched(world: int, local: threading.local, all_reduce):
-    saved = {name: getattr(sharding, name) for name in ("rank", "world_size", "distributed", "all_reduce_")}
+def _patched(world: int, local: threading.local, all_reduce, exchange):
+    saved = {name: getattr(sharding, name) for name in ("rank", "world_size", "distributed", "all_reduce_",
+                                                          "barrier", "gather_objects", "broadcast_object")}
     sharding.rank = lambda: local.rank
     sharding.world_size = lambda: world
     sharding.distributed = lambda: world > 1
     sharding.all_reduce_ = all_reduce
+    sharding.barrier = lambda: exchange("barrier", None)
+    sharding.gather_objects = lambda obj, dst=0: (lambda every: every if local.rank == dst else None)(
+        exchange("gather", obj))
+    sharding.broadcast_object = lambda obj, src=0: exchange("broadcast", obj)[src]
     try:
         yield
     finally:
@@ -65,10 +71,14 @@ def run_ranks(world: int, fn) -> list:
 
     def combine():
         ops = {op for op, _ in sent}
-        assert len(ops) == 1, f"ranks disagree on the reduction: {ops}"
+        assert len(ops) == 1, f"ranks disagree on the collective: {ops}"
+        op = ops.pop()
+        if op not in _REDUCE:  # barrier, gather, broadcast: every rank's object
+            box["result"] = [obj for _, obj in sent]
+            return
         tensors = [t for _, t in sent]
         assert len({(t.shape, t.dtype) for t in tensors}) == 1, "ranks all-reduce different shapes"
-        box["result"] = _REDUCE[ops.pop()](torch.stack(tensors))
+        box["result"] = _REDUCE[op](torch.stack(tensors))
 
     barrier = threading.Barrier(world, action=combine, timeout=120)
 
@@ -78,6 +88,13 @@ def run_ranks(world: int, fn) -> list:
         sent[local.rank] = (op, tensor.detach().cpu().clone())
         barrier.wait()
         return tensor.copy_(box["result"])
+
+    def exchange(kind: str, obj) -> list:
+        if world == 1:
+            return [obj]
+        sent[local.rank] = (kind, obj)
+        barrier.wait()
+        return box["result"]
 
     results: list = [None] * world
     errors: list = []
@@ -93,7 +110,7 @@ def run_ranks(world: int, fn) -> list:
 
     intra_op = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks are the parallelism (and tiny ops pay for a thread pool)
-    with _patched(world, local, all_reduce):
+    with _patched(world, local, all_reduce, exchange):
         threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world)]
         for t in threads:
             t.start()
