@@ -47,7 +47,8 @@ _REDUCE = {"sum": lambda t: t.sum(0), "max": lambda t: t.amax(0), "min": lambda 
 @contextmanager
 def _patched(world: int, local: threading.local, all_reduce, exchange):
     saved = {name: getattr(sharding, name) for name in ("rank", "world_size", "distributed", "all_reduce_",
-                                                          "barrier", "gather_objects", "broadcast_object")}
+                                                          "barrier", "gather_objects", "broadcast_object",
+                                                          "gathered")}
     sharding.rank = lambda: local.rank
     sharding.world_size = lambda: world
     sharding.distributed = lambda: world > 1
@@ -56,6 +57,21 @@ def _patched(world: int, local: threading.local, all_reduce, exchange):
     sharding.gather_objects = lambda obj, dst=0: (lambda every: every if local.rank == dst else None)(
         exchange("gather", obj))
     sharding.broadcast_object = lambda obj, src=0: exchange("broadcast", obj)[src]
+
+    @contextmanager
+    def gathered(params, modifier_rank=None):
+        """DeepSpeed's GatheredParameters: every rank's partition, all-gathered, padding cut off."""
+        params = [p for p in params if sharding.is_partitioned(p)]
+        for p in params:
+            every = exchange("gather", p.ds_tensor)
+            p.data = torch.cat(every)[: p.ds_numel].view(p.ds_shape)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.data = torch.empty(0, dtype=p.ds_tensor.dtype)  # released, as outside a forward
+
+    sharding.gathered = gathered
     try:
         yield
     finally:

@@ -105,3 +105,38 @@ def test_global_cut_equals_one_process_sort(world):
     total = sum(m.numel() for m in mats)
     for k in (int(total * 0.5), 1, total)[:1 if world >= 512 else 3]:
         check(mats, k, world)
+
+
+# ---------------------------------------------------------------------------
+# The masks as exported: MaskSet's cut on every rank's shards, then the full masks assembled from
+# the ranks' partitions (MaskSet.full_masks, what export_search_outputs writes to mask.pt).
+
+
+EXPORTS = [(1, "per_matrix"), (2, "per_matrix"), (3, "per_matrix"), (7, "global"), (8, "per_matrix"),
+           (64, "per_matrix"), (512, "global"), (1024, "per_matrix")]  # each world once: ~2 s a case at 1024
+
+
+@pytest.mark.parametrize("world, scope", EXPORTS)
+def test_exported_masks_from_every_world_size_are_the_one_process_masks(world, scope):
+    from types import SimpleNamespace
+
+    from tamt_ds.masking import MaskSet, MaskSite
+
+    mats = matrices(200 + world)
+    sparsity = 0.7
+    ks = int(sum(m.numel() for m in mats) * sparsity) if scope == "global" else [int(m.numel() * sparsity) for m in mats]
+    expected = reference_pruned(mats, ks)
+
+    def rank_fn(r: int):
+        sites = [MaskSite(f"m{i}", SimpleNamespace(mask_score=zero_param(m, world, r))) for i, m in enumerate(mats)]
+        masks = MaskSet(sites, sparsity, scope)
+        masks.reset_thresholds()
+        return [s.local_keep() for s in sites], masks.full_masks()
+
+    ranks = run_ranks(world, rank_fn)
+    for r in split(world):
+        local, full = ranks[r]
+        for i, m in enumerate(mats):
+            assert torch.equal(full[f"m{i}"], ~expected[i]), (world, r, i)
+    for i, m in enumerate(mats):  # the ranks' keep-shards put together are the same mask
+        assert torch.equal(torch.cat([local[i] for local, _ in ranks]).view(m.shape), ~expected[i]), (world, i)
