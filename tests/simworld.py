@@ -4,10 +4,10 @@
 tamt_ds.sharding answering as rank r of `world` would: `rank()`, `world_size()`,
 `distributed()`, `all_reduce_` returning the sum (max, min) over every rank's tensor of
 the same call, as the real all-reduce hands every rank, and `barrier`, `gather_objects`,
-`broadcast_object`.  The ranks run in lockstep at each
-all-reduce (a barrier), so a collective's result can feed the next step, as in the radix
-selection of tamt_ds/thresholds.py.  Nothing is gathered that the real code does not gather:
-only what crosses `sharding.all_reduce_` is combined.
+`broadcast_object`, `gathered`.  The ranks run in lockstep from collective to collective, so a
+collective's result can feed the next step, as in the radix selection of tamt_ds/thresholds.py.
+Only what crosses those functions is combined: nothing the real code keeps per rank is shared.
+A rank that makes other collectives than the rest fails the run, as it would hang a real job.
 
 A ZeRO-3 parameter is simulated by `zero_param(full, world, rank)`: the attributes
 sharding.local_shard reads (the flattened parameter padded to a multiple of the world size,
@@ -79,13 +79,36 @@ def _patched(world: int, local: threading.local, all_reduce, exchange):
             setattr(sharding, name, value)
 
 
+class _Abort(Exception):
+    """Another simulated rank failed: this one stops where it waits."""
+
+
 def run_ranks(world: int, fn) -> list:
-    """[fn(0), ..., fn(world - 1)], each run as that rank of a `world`-rank job."""
+    """[fn(0), ..., fn(world - 1)], each run as that rank of a `world`-rank job.
+
+    One rank runs at a time, in rank order, up to its next collective (a baton passed from rank
+    to rank: no thread herd to wake at each collective); the last rank to arrive combines."""
     local = threading.local()
     sent: list = [None] * world
+    calls, done = [0] * world, [False] * world
     box: dict = {}
+    turns = [threading.Semaphore(0) for _ in range(world)]
+    errors: list = []
 
-    def combine():
+    def fail(r: int, exc: BaseException) -> None:
+        errors.append((r, exc))
+        for t in turns:
+            t.release(world + 1)  # every waiting rank wakes, sees the failure and stops
+
+    def wait_turn(r: int) -> None:
+        if not turns[r].acquire(timeout=300):
+            raise _Abort(f"rank {r} waited 300 s for its turn")
+        if errors:
+            raise _Abort()
+
+    def combine() -> None:
+        if len(set(calls)) != 1 or any(done):
+            raise AssertionError(f"ranks made different numbers of collectives: {sorted(set(calls))}")
         ops = {op for op, _ in sent}
         assert len(ops) == 1, f"ranks disagree on the collective: {ops}"
         op = ops.pop()
@@ -96,40 +119,50 @@ def run_ranks(world: int, fn) -> list:
         assert len({(t.shape, t.dtype) for t in tensors}) == 1, "ranks all-reduce different shapes"
         box["result"] = _REDUCE[op](torch.stack(tensors))
 
-    barrier = threading.Barrier(world, action=combine, timeout=120)
+    def collective(kind: str, payload):
+        r = local.rank
+        sent[r] = (kind, payload)
+        calls[r] += 1
+        if r == world - 1:
+            combine()
+            turns[0].release()
+        else:
+            turns[r + 1].release()
+        wait_turn(r)
+        return box["result"]
 
     def all_reduce(tensor: torch.Tensor, op: str = "sum", enabled: bool = True) -> torch.Tensor:
         if not (enabled and world > 1):
             return tensor
-        sent[local.rank] = (op, tensor.detach().cpu().clone())
-        barrier.wait()
-        return tensor.copy_(box["result"])
+        return tensor.copy_(collective(op, tensor.detach().cpu().clone()))
 
     def exchange(kind: str, obj) -> list:
-        if world == 1:
-            return [obj]
-        sent[local.rank] = (kind, obj)
-        barrier.wait()
-        return box["result"]
+        return [obj] if world == 1 else collective(kind, obj)
 
     results: list = [None] * world
-    errors: list = []
 
     def body(r: int) -> None:
         local.rank = r
         try:
+            wait_turn(r)
             results[r] = fn(r)
+            done[r] = True
+            if r < world - 1:
+                turns[r + 1].release()
+            elif not all(done):
+                raise AssertionError("ranks made different numbers of collectives: some still wait in one")
+        except _Abort:
+            pass
         except BaseException as exc:  # noqa: BLE001 - re-raised below, with its rank
-            if not isinstance(exc, threading.BrokenBarrierError):
-                errors.append((r, exc))
-            barrier.abort()
+            fail(r, exc)
 
     intra_op = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks are the parallelism (and tiny ops pay for a thread pool)
+    torch.set_num_threads(1)  # tiny ops: a thread pool costs more than it gives
     with _patched(world, local, all_reduce, exchange):
         threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world)]
         for t in threads:
             t.start()
+        turns[0].release()
         for t in threads:
             t.join()
     torch.set_num_threads(intra_op)
