@@ -37,6 +37,7 @@ def row(table: str, item: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.sim
 @pytest.mark.parametrize("world", [64, 512])
 def test_bert_large_search_fits_and_prints_each_ranks_share(world, tmp_path):
     """Through the launcher, as a user runs it: a process group never forms, no weight is built."""
@@ -70,6 +71,7 @@ def test_bert_large_search_fits_and_prints_each_ranks_share(world, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # nothing written, nothing built
 
 
+@pytest.mark.sim
 def test_shares_are_zeros_layout():
     """rank r holds [r*P, (r+1)*P) of the flat parameter, P = ceil(numel / N); the last ranks may hold less."""
     assert [preflight.zero_share(10, r, 4) for r in range(4)] == [(0, 3), (3, 3), (6, 3), (9, 1)]

@@ -20,6 +20,8 @@ from tamt_ds.data.sources import local_source, open_source
 from tamt_ds.data.validation import rank_batches, read_blocks
 from tests.conftest_data import pydoc_lines, tok, write_text  # noqa: F401 - fixture
 
+pytestmark = pytest.mark.sim
+
 WORLD_SIZES = (1, 2, 3, 7, 8, 64, 512, 1024)
 SEQ = 32
 
