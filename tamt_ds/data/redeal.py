@@ -11,9 +11,9 @@ readers it goes on like this:
    `Part`s (`DocCursor.remaining`): the rest of the stream it was in, then its later
    streams.
 3. Deal it all to the N new readers. Parts over one shard go whole, round-robin, when
-   there are at least N of them; otherwise, and for scans of a whole source (strided
-   mode, merged over the old readers), each new reader takes every N-th kept example of
-   each part. The leftovers go round-robin, as the new readers' first text.
+   there are at least N of them; otherwise reader j shares shard j % P with the other
+   readers of that shard (each takes every m-th kept example of it). Scans of a whole
+   source (strided mode, merged over the old readers) are shared by all N readers. The leftovers go round-robin, as the new readers' first text.
 4. Each new reader reads its leftovers and dealt parts (its *transition*), then its own
    share of the new layout, epoch after epoch.
 
@@ -84,13 +84,22 @@ def deal(old: list[OldReader], n_new: int) -> list[Dealt]:
                     whole.append(part)
                 else:
                     scans.setdefault((part.stride, part.skip, part.split, part.split_index), []).append(part)
-        split = [_merge(group) for group in scans.values()]
-        if len(whole) < n_new:  # too few shards to go round: every new reader takes a share of each
-            split, whole = whole + split, []
-        for k, part in enumerate(whole):
-            dealt[k % n_new].parts[i].append(part)
-        for part in split:
+        if len(whole) >= n_new:
+            for k, part in enumerate(whole):
+                dealt[k % n_new].parts[i].append(part)
+        elif whole:
+            # Too few shards to go round: reader j shares shard j % P with the other readers
+            # of that shard, so each reader opens one shard (2,048 readers each opening all of
+            # 2,000 shards to keep one example in 2,048 would be 4M stream opens).
             for j in range(n_new):
-                dealt[j].parts[i].append(
-                    dataclasses.replace(part, split=part.split * n_new, split_index=part.split_index + part.split * j))
+                k = j % len(whole)
+                dealt[j].parts[i].append(_share(whole[k], len(range(k, n_new, len(whole))), j // len(whole)))
+        for part in (_merge(group) for group in scans.values()):
+            for j in range(n_new):
+                dealt[j].parts[i].append(_share(part, n_new, j))
     return dealt
+
+
+def _share(part: Part, n: int, index: int) -> Part:
+    """The index-th of n interleaved shares of what `part` keeps."""
+    return dataclasses.replace(part, split=part.split * n, split_index=part.split_index + part.split * index)
