@@ -238,6 +238,35 @@ def test_resume_on_another_world_size(before, after, tiny_bert_dropout, tmp_path
         assert int((~keep).sum()) == int(keep.numel() * 0.7), key  # exact sparsity
 
 
+def test_eight_ranks_killed_then_resumed_on_three(tiny_bert_dropout, tmp_path):
+    """The first size where 1/N rounding, uneven shards and ranks with empty shares all occur:
+    a real 8-rank gloo search, SIGKILLed after a checkpoint, resumed on 3 ranks (every score,
+    MLM-head entry and Adam moment restored exactly, then the run goes on from that step and
+    exports a mask of exact sparsity)."""
+    run = tmp_path / "run"
+    args = [*common(tiny_bert_dropout, run, "--objective", "mlm_kd", "--max_steps", "12", "--save_steps", "4",
+                    "--logging_steps", "1")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8", "--master_port",
+           str(free_port()), str(LAUNCHER), *args]
+    tag = _kill_after_first_checkpoint(cmd, run / "checkpoints")
+    start = int(tag.removeprefix("step"))
+    assert 0 < start < 12 and not (run / "mask.pt").exists()
+    assert len(list((run / "checkpoints" / tag).glob("rank*.pt"))) == 8
+    torchrun(RESUME_WORKER, tiny_bert_dropout, run / "checkpoints", tmp_path / "check.json", nproc=3)
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["saved_on"] == 8 and check["loaded_on"] == 3 and check["step"] == start
+    assert check["data_positions"] == 8 and check["elements"] > 0
+    logged = len((run / "metrics.jsonl").read_text().splitlines())
+    proc = torchrun(LAUNCHER, *args, "--resume", nproc=3, timeout=900)
+    assert f"resumed from {tag} at step {start}, saved on 8 rank(s)" in proc.stdout + proc.stderr
+    rows = _train_rows(run / "metrics.jsonl", skip=logged)
+    assert [r["step"] for r in rows] == list(range(start + 1, 13))  # from the checkpoint, not from 0
+    assert rows[-1]["data/blocks_seen"] == (8 * start + 3 * (12 - start)) * 4  # the data position carried over
+    for key, keep in torch.load(run / "mask.pt", weights_only=True).items():
+        assert int((~keep).sum()) == int(keep.numel() * 0.7), key  # exact sparsity
+    assert (run / "pruned_model" / "config.json").exists()
+
+
 def test_mpirun_launch(tiny_bert, tmp_path):
     """MPI discovery: `mpirun -np 2 python launchers/search.py` (MPI from the mpich wheel) is the
     same 2-rank search as torchrun's: the same mask and losses, one log stream."""
