@@ -48,8 +48,11 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
-def load_ds_config(path: str | None, *, micro_batch: int, grad_accum: int, grad_clip: float) -> dict:
-    """Read a DeepSpeed JSON config and fill its "auto" values from the arguments."""
+def load_ds_config(path: str | None, *, micro_batch: int, grad_accum: int, grad_clip: float,
+                   check_this_device: bool = True) -> dict:
+    """Read a DeepSpeed JSON config and fill its "auto" values from the arguments.
+    `check_this_device=False`: the config is for other machines (a plan or pre-flight of a GPU
+    job made on a login node), so this machine's fp16 support does not count."""
     path = path or default_config_path()
     if not os.path.isfile(path):
         raise EngineError(f"DeepSpeed config {path!r} not found: pass --deepspeed with one of "
@@ -68,7 +71,7 @@ def load_ds_config(path: str | None, *, micro_batch: int, grad_accum: int, grad_
         if cfg.get(key, "auto") == "auto":
             cfg[key] = value
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
-    if cfg.get("fp16", {}).get("enabled") and not _fp16_supported():
+    if check_this_device and cfg.get("fp16", {}).get("enabled") and not _fp16_supported():
         raise EngineError(f"{path} asks for fp16, which this device does not support: pass --deepspeed "
                           f"{CONFIG_DIR / 'zero3_bf16.json'} (bf16) or {CONFIG_DIR / 'zero3_cpu.json'} (fp32)")
     cfg["_source"] = os.path.abspath(path)

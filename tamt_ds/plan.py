@@ -235,7 +235,7 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
     shape = shape or _model_shape(inp.model)
     if zero is None:
         cfg = load_ds_config(inp.deepspeed or _default_config(inp.device), micro_batch=inp.per_device_train_batch_size,
-                             grad_accum=1, grad_clip=1.0)
+                             grad_accum=1, grad_clip=1.0, check_this_device=inp.device == "cpu")
         zero = ZeroSettings.from_ds_config(cfg)
     b, n = zero.dtype_bytes, inp.world_size
     search = inp.trainable == "scores"

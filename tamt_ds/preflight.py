@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tamt_ds.cli import PreflightArguments, split_preflight
@@ -191,20 +190,6 @@ def _millions(n: int) -> str:
 
 
 # ---- the checks -----------------------------------------------------------------------------
-@contextmanager
-def _as_on_a_gpu_node():
-    """The config is resolved as the job's ranks would on their GPUs: fp16 is refused on this
-    CPU (engine._fp16_supported), not on a CUDA device."""
-    from tamt_ds import engine
-
-    saved = engine._fp16_supported
-    engine._fp16_supported = lambda: True
-    try:
-        yield
-    finally:
-        engine._fp16_supported = saved
-
-
 def check_deepspeed(job: Job, report: Report) -> dict:
     from tamt_ds import engine
     from tamt_ds.plan import _default_config
@@ -212,9 +197,8 @@ def check_deepspeed(job: Job, report: Report) -> dict:
     # The job's own default depends on the device it finds; its ranks run on GPUs: bf16 there
     # (Ampere on; pass --deepspeed ds_configs/zero3_fp16.json for older GPUs).
     path = job.deepspeed or _default_config("gpu")
-    with _as_on_a_gpu_node():
-        cfg = engine.load_ds_config(path, micro_batch=job.micro_batch, grad_accum=job.grad_accum,
-                                    grad_clip=job.grad_clip)
+    cfg = engine.load_ds_config(path, micro_batch=job.micro_batch, grad_accum=job.grad_accum,
+                                grad_clip=job.grad_clip, check_this_device=False)
     zero = cfg.get("zero_optimization", {})
     precision = "bf16" if cfg.get("bf16", {}).get("enabled") else "fp16" if cfg.get("fp16", {}).get("enabled") else "fp32"
     offload = [k.split("_", 1)[1] for k in ("offload_param", "offload_optimizer")
@@ -383,8 +367,7 @@ def check_memory(job: Job, report: Report, preflight: PreflightArguments) -> Non
                     trainable="all" if job.trainable == "all" else "scores",
                     gradient_checkpointing=job.gradient_checkpointing, device="gpu",
                     gpu_memory_gb=preflight.gpu_memory_gb)
-    with _as_on_a_gpu_node():
-        plan = estimate(inp)
+    plan = estimate(inp)
     if job.trainable == "none":  # evaluation: the frozen weights, the forward's buffers; no optimizer
         keep = {"frozen weights", "activations", "gather buffers", "masked weights"}
         parts = [p for p in plan.parts if p.name in keep]
