@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tamt_ds.errors import InputError
+from tamt_ds.study.cost import GPU_PEAK_TFLOPS, GpuAssumptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TAMT_METHODS = {"tamt-kd": "kd", "tamt-mlm": "mlm", "tamt-mlm_kd": "mlm_kd"}  # method -> search objective
@@ -70,7 +71,8 @@ class StudyConfig:
     output_dir: str = "outputs/study"
     model_name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
     launcher: str = "python"  # python (one process) | torchrun | deepspeed
-    nproc: int = 1
+    nproc: int = 1  # ranks (GPUs) of a search, IMP run or evaluation
+    finetune_nproc: int | None = None  # ranks of a fine-tuning job (default: nproc); the paper's: 1 GPU each
     parallel_jobs: int = 1  # jobs of one stage run side by side (each with cores / parallel_jobs threads)
     deepspeed: str | None = None  # DeepSpeed config for every stage (default: the machine's)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -84,6 +86,7 @@ class StudyConfig:
     evaluate: dict[str, Any] = field(default_factory=dict)  # launchers/evaluate_mask.py arguments
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     budget: Budget = field(default_factory=Budget)
+    gpu: GpuAssumptions | None = None  # with it, --dry-run also prints each job's expected GPU-hours
     source: str = ""  # the config file
 
     def path(self, p: str) -> str:
@@ -94,9 +97,15 @@ class StudyConfig:
     def out(self) -> str:
         return self.path(self.output_dir)
 
-    def search_args(self, sparsity: float) -> dict[str, Any]:
-        """The search's arguments for one sparsity: per-sparsity mappings resolved."""
-        return {k: (_at_sparsity(v, sparsity) if isinstance(v, dict) else v) for k, v in self.search.items()}
+    def search_args(self, sparsity: float, method: str | None = None) -> dict[str, Any]:
+        """The search's arguments for one method and sparsity: per-method, then per-sparsity mappings
+        resolved (the paper's MLM and KD searches differ in learning rate and weight decay)."""
+        out = {}
+        for k, v in self.search.items():
+            if _per_method(v):
+                v = v.get(method)
+            out[k] = _at_sparsity(v, sparsity) if isinstance(v, dict) else v
+        return {k: v for k, v in out.items() if v is not None}
 
     @property
     def imp_levels(self) -> list[float]:
@@ -130,6 +139,11 @@ def mask_cells(cfg: StudyConfig) -> list[MaskCell]:
             seeds = [None] if method == "omp" else cfg.mask_seeds  # OMP is deterministic
             cells += [MaskCell(method, s, seed) for seed in seeds]
     return cells
+
+
+def _per_method(value) -> bool:
+    """A {method: value} mapping, e.g. learning_rate: {tamt-mlm: 5.0e-5, tamt-kd: 2.0e-5}."""
+    return isinstance(value, dict) and bool(value) and all(k in TAMT_METHODS for k in value)
 
 
 def _at_sparsity(values: dict, sparsity: float):
@@ -171,8 +185,9 @@ def load_config(path: str) -> StudyConfig:
     raw = dict(raw or {})
     finetune = _build(FinetuneSpec, raw.pop("finetune", {}) or {}, f"{path}: finetune")
     budget = _build(Budget, raw.pop("budget", {}) or {}, f"{path}: budget")
+    gpu = _build(GpuAssumptions, raw.pop("gpu"), f"{path}: gpu") if raw.get("gpu") is not None else None
     cfg = _build(StudyConfig, raw, path)
-    cfg.finetune, cfg.budget, cfg.source = finetune, budget, os.path.abspath(path)
+    cfg.finetune, cfg.budget, cfg.gpu, cfg.source = finetune, budget, gpu, os.path.abspath(path)
     validate(cfg)
     return cfg
 
@@ -192,22 +207,29 @@ def validate(cfg: StudyConfig) -> None:
         raise StudyError(f"{where}: launcher must be python, torchrun or deepspeed, got {cfg.launcher!r}")
     if cfg.parallel_jobs < 1:
         raise StudyError(f"{where}: parallel_jobs must be at least 1, got {cfg.parallel_jobs}")
-    if cfg.nproc < 1 or (cfg.launcher == "python" and cfg.nproc != 1):
-        raise StudyError(f"{where}: nproc must be 1 with launcher python (use torchrun or deepspeed for more)")
+    for key in ("nproc", "finetune_nproc"):
+        n = getattr(cfg, key)
+        if n is not None and (n < 1 or (cfg.launcher == "python" and n != 1)):
+            raise StudyError(f"{where}: {key} must be 1 with launcher python (use torchrun or deepspeed for more)")
+    if cfg.gpu is not None and cfg.gpu.name not in GPU_PEAK_TFLOPS:
+        raise StudyError(f"{where}: gpu: name {cfg.gpu.name!r} unknown: use one of {', '.join(GPU_PEAK_TFLOPS)}")
     if "imp" in cfg.methods:
         step = float(cfg.imp.get("prune_fraction", 0.1))
         off = [s for s in cfg.sparsities if not math.isclose(round(s / step) * step, s, abs_tol=1e-9)]
         if off:
             raise StudyError(f"{where}: IMP reaches only multiples of prune_fraction {step}; sparsities {off} are not")
-    for key, values in cfg.search.items():
-        if isinstance(values, dict):
+    for key, by_method in cfg.search.items():
+        for values in (by_method.values() if _per_method(by_method) else [by_method]):
+            if not isinstance(values, dict):
+                continue
             try:
                 missing = [s for s in cfg.sparsities if _at_sparsity(values, s) is None]
             except (TypeError, ValueError):
                 missing = cfg.sparsities
             if missing:
                 raise StudyError(f"{where}: search: {key} is a per-sparsity mapping without a value for "
-                                 f"{missing}: give one for every sparsity, e.g. {{0.5: 80, 0.9: 160}}")
+                                 f"{missing}: give one for every sparsity, e.g. {{0.5: 80, 0.9: 160}} (or a "
+                                 f"per-method one, e.g. {{tamt-mlm: 5.0e-5, tamt-kd: 2.0e-5}})")
     for section, reserved in (("search", ("objective", "sparsity", "seed", "output_dir", "resume")),
                               ("imp", ("max_sparsity", "seed", "output_dir", "resume")),
                               ("evaluate", ("mask", "output", "save_mask", "mask_seed"))):

@@ -25,7 +25,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tamt_ds.study import cost
 from tamt_ds.study.config import DENSE, REPO_ROOT, TAMT_METHODS, MaskCell, StudyConfig, StudyError, mask_cells
+from tamt_ds.study.cost import TASK_SIZES
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Job:
     cpu_s: float  # estimated CPU seconds (config's budget section)
     cells: int  # result cells this job completes
     outputs: list[str] = field(default_factory=list)  # what it writes (for the log line)
+    nproc: int = 1  # ranks: one GPU each where there are GPUs
+    gpu_hours: float | None = None  # expected, from FLOPs (the config's gpu section; tamt_ds/study/cost.py)
 
 
 # ------------------------------------------------------------------ where cells live
@@ -185,7 +189,7 @@ def _finetune_steps(args: dict, task: str, nproc: int) -> int:
     if n is None and task.startswith("local:"):
         with open(os.path.join(task[len("local:"):], "train.tsv"), encoding="utf-8") as f:
             n = sum(1 for _ in f) - 1
-    n = n or 10_000  # a hub task of unknown size: a guess, said in the plan
+    n = n or TASK_SIZES.get(task, (10_000,))[0]  # GLUE / SQuAD: the published size; another hub task: a guess
     batch = int(args.get("per_device_train_batch_size", 32)) * nproc
     return int(float(args.get("num_train_epochs", 3.0)) * -(-n // batch))
 
@@ -195,13 +199,59 @@ def _finetune_cpu_s(cfg: StudyConfig, name: str, task: str) -> float:
     b, args = cfg.budget, cfg.finetune.args_for(name)
     step_s = b.finetune_step_cpu_s + b.finetune_example_cpu_s * int(args.get("per_device_train_batch_size", 32))
     seeds = len(cfg.finetune.seeds)
-    return b.process_start_cpu_s + seeds * (_finetune_steps(args, task, cfg.nproc) * step_s + b.finetune_run_cpu_s)
+    return b.process_start_cpu_s + seeds * (_finetune_steps(args, task, finetune_nproc(cfg)) * step_s
+                                            + b.finetune_run_cpu_s)
+
+
+def finetune_nproc(cfg: StudyConfig) -> int:
+    return cfg.finetune_nproc or cfg.nproc
+
+
+class _GpuHours:
+    """Expected GPU-hours of each kind of job (None without the config's gpu section)."""
+
+    def __init__(self, cfg: StudyConfig):
+        self.cfg, self.gpu = cfg, cfg.gpu
+        self.model = cost.ModelFlops.of(cfg.model_name_or_path) if cfg.gpu else None
+
+    def _hours(self, flops: float, mfu: float) -> float | None:
+        return cost.gpu_hours(flops, mfu, self.gpu) if self.gpu else None
+
+    def search(self, objective: str, args: dict, steps: int) -> float | None:
+        if not self.gpu:
+            return None
+        from tamt_ds.search import SEARCH_MAX_SEQ_LENGTH
+
+        batch = int(args.get("per_device_train_batch_size", 64 if objective != "imp" else 32)) * self.cfg.nproc
+        batch *= int(args.get("gradient_accumulation_steps", 1))
+        seq = int(args.get("max_seq_length", SEARCH_MAX_SEQ_LENGTH))
+        return self._hours(cost.search_flops(self.model, objective, steps, batch, seq), self.gpu.search_mfu)
+
+    def evaluate(self, masks: int) -> float | None:
+        if not self.gpu:
+            return None
+        e = self.cfg.evaluate
+        seq = int(e.get("max_seq_length", 128))
+        tokens = int(e.get("eval_blocks", 64)) * seq
+        return self._hours((masks + 1) * tokens * self.model.forward(seq), self.gpu.finetune_mfu)
+
+    def finetune(self, task: str, args: dict) -> float | None:
+        if not self.gpu:
+            return None
+        batch = int(args.get("per_device_train_batch_size", 32)) * finetune_nproc(self.cfg)
+        batch *= int(args.get("gradient_accumulation_steps", 1))
+        steps = _finetune_steps(args, task, finetune_nproc(self.cfg))
+        evaluations = 1 + (steps // int(args["eval_steps"]) if args.get("eval_steps") else 0)
+        flops = cost.finetune_flops(self.model, task, examples=steps * batch, evaluations=evaluations,
+                                    seq_len=int(args.get("max_seq_length", 128)))
+        return self._hours(len(self.cfg.finetune.seeds) * flops, self.gpu.finetune_mfu)
 
 
 def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
     """The jobs still to run, in order, and counts of cells done / total."""
     b = cfg.budget
     cells = mask_cells(cfg)
+    hours = _GpuHours(cfg)
     jobs: list[Job] = []
     counts = {"done": 0, "total": 0}
 
@@ -214,7 +264,7 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
     for cell in cells:
         if cell.method not in TAMT_METHODS:
             continue
-        args = cfg.search_args(cell.sparsity)
+        args = cfg.search_args(cell.sparsity, cell.method)
         # finished or started (a resumed search would go on with the new arguments from the old state)
         check_run_unchanged(cfg, search_dir(cfg, cell), args)
         if not count(os.path.isfile(mask_path(cfg, cell))):
@@ -225,7 +275,8 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                             common_args(cfg) + ["--objective", objective, "--sparsity", f"{cell.sparsity:g}",
                                                 "--seed", str(cell.seed), "--output_dir", search_dir(cfg, cell),
                                                 "--resume", "True"] + cli(args),
-                            b.process_start_cpu_s + steps * step_s, 1, [mask_path(cfg, cell)]))
+                            b.process_start_cpu_s + steps * step_s, 1, [mask_path(cfg, cell)], cfg.nproc,
+                            hours.search(objective, args, steps)))
     if "imp" in cfg.methods:
         levels = cfg.imp_levels
         interval = int(cfg.imp.get("prune_interval", 20))
@@ -242,7 +293,8 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                                                     "--output_dir", imp_dir(cfg, seed), "--resume", "True"]
                                 + cli(cfg.imp),
                                 b.process_start_cpu_s + left * (interval * b.imp_step_cpu_s + b.imp_round_cpu_s),
-                                sum(not d for d in done), [os.path.dirname(mask_path(cfg, c)) for c in wanted]))
+                                sum(not d for d in done), [os.path.dirname(mask_path(cfg, c)) for c in wanted],
+                                cfg.nproc, hours.search("imp", cfg.imp, left * interval)))
 
     # evaluate: every mask's pre-training losses; OMP / random masks saved as files for fine-tuning.
     # --mask_seed is one value per process: random masks of different seeds go to different jobs,
@@ -274,7 +326,8 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                         "launchers/evaluate_mask.py",
                         common_args(cfg) + ["--mask", *masks, "--output", *outputs, "--save_mask", *saves,
                                             "--mask_seed", str(key)] + cli(_eval_files(cfg)),
-                        b.process_start_cpu_s + len(group) * b.eval_mask_cpu_s, len(group), outputs))
+                        b.process_start_cpu_s + len(group) * b.eval_mask_cpu_s, len(group), outputs, cfg.nproc,
+                        hours.evaluate(len(group))))
 
     # finetune: one job per mask and task (all seeds), so that each task keeps its own protocol;
     # the longest first, so that the stage ends with short jobs side by side, not one long one alone
@@ -295,7 +348,8 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                                                     "--output_dir", out]
                                 + (["--overwrite_output_dir", "True"] if results[name] is not None else [])
                                 + cli(cfg.finetune.args_for(name)),
-                                _finetune_cpu_s(cfg, name, task), 1, [out]))
+                                _finetune_cpu_s(cfg, name, task), 1, [out], finetune_nproc(cfg),
+                                hours.finetune(task, cfg.finetune.args_for(name))))
     jobs += sorted(finetune, key=lambda job: -job.cpu_s)
     return jobs, counts
 
@@ -311,6 +365,9 @@ def print_budget(cfg: StudyConfig, jobs: list[Job], counts: dict) -> None:
     b = cfg.budget
     print(f"study {cfg.name!r} ({cfg.source}) -> {cfg.out}", flush=True)
     print(f"{counts['done']} of {counts['total']} cells done; {len(jobs)} job(s) to run", flush=True)
+    if cfg.gpu is not None:
+        print_gpu_hours(cfg, jobs)
+        return
     print(f"estimated time on the reference machine ({b.cores} CPU cores, nothing else running; "
           f"{cfg.parallel_jobs} job(s) at a time; the budget section of the config):")
     print(f"  {'stage':<10}{'jobs':>6}{'cells':>7}{'CPU min':>9}{'minutes':>9}")
@@ -326,6 +383,19 @@ def print_budget(cfg: StudyConfig, jobs: list[Job], counts: dict) -> None:
         print(f"  note: the plan exceeds the budget by {total - b.minutes:.1f} min", flush=True)
 
 
+def print_gpu_hours(cfg: StudyConfig, jobs: list[Job]) -> None:
+    from tamt_ds.study.cost import describe
+
+    print(f"expected GPU-hours ({describe(cfg.gpu)}):")
+    print(f"  {'stage':<10}{'jobs':>6}{'cells':>7}{'GPUs/job':>10}{'GPU-hours':>11}{'longest job, h':>16}")
+    for stage in ("masks", "evaluate", "finetune"):
+        mine = [j for j in jobs if j.stage == stage]
+        gpus = sorted({j.nproc for j in mine})
+        print(f"  {stage:<10}{len(mine):>6}{sum(j.cells for j in mine):>7}{'/'.join(map(str, gpus)) or '-':>10}"
+              f"{sum(j.gpu_hours for j in mine):>11.1f}{max((j.gpu_hours / j.nproc for j in mine), default=0):>16.2f}")
+    print(f"  {'total':<33}{sum(j.gpu_hours for j in jobs):>11.1f}", flush=True)
+
+
 # ------------------------------------------------------------------------ running
 
 
@@ -335,10 +405,10 @@ def command(cfg: StudyConfig, job: Job) -> list[str]:
     script = str(REPO_ROOT / job.script)
     bin_dir = os.path.dirname(sys.executable)  # the launchers' console scripts, in this interpreter's environment
     if cfg.launcher == "torchrun":
-        return [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(cfg.nproc),
+        return [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", str(job.nproc),
                 "--master_port", str(free_port()), script, *job.args]
     if cfg.launcher == "deepspeed":
-        return [os.path.join(bin_dir, "deepspeed"), "--num_accelerators", str(cfg.nproc), "--num_nodes", "1", "--master_port",
+        return [os.path.join(bin_dir, "deepspeed"), "--num_accelerators", str(job.nproc), "--num_nodes", "1", "--master_port",
                 str(free_port()), script, *job.args]
     return [sys.executable, script, *job.args]
 
@@ -360,12 +430,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between
     _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_job(cfg: StudyConfig, job: Job, log_path: str) -> tuple[float, float]:
-    """Run one job; (wall seconds, CPU seconds of its processes: a measure of its cost that
-    other jobs on a shared machine do not inflate, used to calibrate the budget)."""
+def run_job(cfg: StudyConfig, job: Job, log_path: str, gpus: list[str] = ()) -> tuple[float, float]:
+    """Run one job (on `gpus`, its own, where there are GPUs); (wall seconds, CPU seconds of its
+    processes: a measure of its cost that other jobs on a shared machine do not inflate, used to
+    calibrate the budget)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    threads = (cfg.budget.cores or os.cpu_count() or 1) // max(cfg.nproc * cfg.parallel_jobs, 1)
-    if cfg.nproc > 1 or cfg.parallel_jobs > 1:
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    threads = (cfg.budget.cores or os.cpu_count() or 1) // max(job.nproc * cfg.parallel_jobs, 1)
+    if job.nproc > 1 or cfg.parallel_jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
     cmd = command(cfg, job)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -412,9 +485,10 @@ def _append_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: floa
 
 
 def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
-    """Stage after stage; within a stage, up to `parallel_jobs` jobs side by side.  One line
-    when a job starts (which, how many left, the plan's estimate) and when it ends."""
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+    """Stage after stage, each through an executor (tamt_ds/study/executor.py: local child
+    processes, `parallel_jobs` side by side, disjoint GPUs).  One line when a job starts (which,
+    how many left, the plan's estimate) and when it ends."""
+    from tamt_ds.study.executor import LocalExecutor
 
     t_start, started, lock = time.perf_counter(), [0], threading.Lock()
 
@@ -423,13 +497,13 @@ def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
-    def one(job: Job) -> None:
+    def one(job: Job, gpus: list[str]) -> None:
         with lock:
             started[0] += 1
             n = started[0]
         say(f"[{n}/{len(jobs)}] {job.stage}: {job.name} (est. {job.cpu_s / 60:.1f} CPU-min; "
-            f"{len(jobs) - n} job(s) after it)")
-        seconds, cpu = run_job(cfg, job, os.path.join(cfg.out, "logs", log_name(job)))
+            f"{len(jobs) - n} job(s) after it)" + (f" on GPU {','.join(gpus)}" if gpus else ""))
+        seconds, cpu = run_job(cfg, job, os.path.join(cfg.out, "logs", log_name(job)), gpus)
         record_timing(cfg, job, seconds, cpu)
         say(f"      {job.name}: done in {seconds / 60:.1f} min, {cpu / 60:.1f} CPU-min "
             f"({(time.perf_counter() - t_start) / 60:.1f} min so far)")
@@ -439,14 +513,10 @@ def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
         if not mine:
             continue
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=cfg.parallel_jobs) as pool:
-            futures = [pool.submit(one, job) for job in mine]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                for f in futures:
-                    f.cancel()
-                raise failed[0].exception()
+        executor = LocalExecutor(cfg.parallel_jobs, one)  # the stages' order is the dependency: wait between
+        for job in mine:
+            executor.submit(job)
+        executor.wait()
         record_timing(cfg, Job(stage, "(stage)", "", [], sum(j.cpu_s for j in mine), sum(j.cells for j in mine)),
                       time.perf_counter() - t0, 0.0)
 
@@ -454,14 +524,16 @@ def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
 def run_study(cfg: StudyConfig, *, plot_only: bool = False, dry_run: bool = False) -> dict:
     from tamt_ds.study.report import write_report
 
-    os.makedirs(cfg.out, exist_ok=True)
     if not plot_only:
         jobs, counts = plan(cfg)
         print_budget(cfg, jobs, counts)
-        if dry_run:
+        if dry_run:  # writes nothing
             for job in jobs:
-                print(f"  {job.stage}: {job.name} ({job.cpu_s / 60:.1f} CPU-min)")
+                cost = (f"{job.gpu_hours:.2f} GPU-h on {job.nproc} GPU(s)" if job.gpu_hours is not None
+                        else f"{job.cpu_s / 60:.1f} CPU-min")
+                print(f"  {job.stage}: {job.name} ({cost})")
             return {}
+        os.makedirs(cfg.out, exist_ok=True)
         run_stages(cfg, jobs)
         jobs, counts = plan(cfg)  # everything should be done now
         if jobs:
