@@ -83,6 +83,10 @@ def shared_data_dir(cfg: StudyConfig) -> str:
     return path
 
 
+# tasks the project builds itself from a Debian package (python -m tamt_ds.downstream.build_task), shipped
+BUILT_TASKS = str(REPO_ROOT / "tamt_ds" / "data" / "tasks")
+
+
 def task_ids(cfg: StudyConfig) -> dict[str, str]:
     """Study task name -> the fine-tuning harness's task (a hub task name or local:DIR)."""
     from tamt_ds.downstream.tasks import KNOWN_TASKS, LOCAL_PREFIX
@@ -94,10 +98,12 @@ def task_ids(cfg: StudyConfig) -> dict[str, str]:
         elif name.startswith(LOCAL_PREFIX):
             out[name] = LOCAL_PREFIX + cfg.path(name[len(LOCAL_PREFIX):])
         else:
-            directory = os.path.join(shared_data_dir(cfg), name)
+            built = os.path.join(BUILT_TASKS, name)
+            directory = built if os.path.isfile(os.path.join(built, "train.tsv")) else os.path.join(
+                shared_data_dir(cfg), name)
             if not os.path.isfile(os.path.join(directory, "train.tsv")):
                 raise StudyError(f"task {name!r}: {directory}/train.tsv not found: name a GLUE / SQuAD task, "
-                                 f"local:DIR, or a folder of {shared_data_dir(cfg)}")
+                                 f"local:DIR, a folder of {shared_data_dir(cfg)}, or one of {BUILT_TASKS}")
             out[name] = LOCAL_PREFIX + directory
     return out
 
