@@ -52,8 +52,9 @@ class Budget:
 
 @dataclass
 class FinetuneSpec:
-    tasks: list[str] = field(default_factory=lambda: ["supersense_verb", "wic_wn"])
-    task_data_dir: str = "../shared/data"  # local tasks: <dir>/<task>/{train,validation[,test]}.tsv
+    tasks: list[str] = field(default_factory=lambda: ["supersense_verb", "supersense_noun"])
+    # local tasks: <dir>/<task>/{train,validation[,test]}.tsv, or the project's own (tamt_ds/data/tasks/<task>)
+    task_data_dir: str = "../shared/data"
     seeds: list[int] = field(default_factory=lambda: [1, 2])
     args: dict[str, Any] = field(default_factory=dict)  # launchers/finetune.py arguments, same for every mask
     # per-task changes to args, e.g. {wic_wn: {max_steps: 25}}: a task's protocol, still the same for every mask
