@@ -155,3 +155,28 @@ def test_visible_gpus_follows_the_inherited_setting(monkeypatch):
     assert visible_gpus() == ["3", "5", "7"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert visible_gpus() == []
+
+
+def test_per_method_search_arguments_and_gpu_section(tmp_path):
+    """A search argument may be given per TAMT method (then per sparsity inside); the gpu section
+    names a known GPU; both are refused in one line otherwise."""
+    import yaml
+
+    from tamt_ds.study.config import StudyError, load_config
+
+    raw = {"methods": ["tamt-mlm", "tamt-kd", "omp"], "sparsities": [0.5, 0.7],
+           "search": {"learning_rate": {"tamt-mlm": 5.0e-5, "tamt-kd": 2.0e-5},
+                      "max_steps": {"tamt-mlm": {0.5: 10, 0.7: 20}, "tamt-kd": 7}, "weight_decay": 0.01},
+           "gpu": {"name": "h100", "search_mfu": 0.3}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(path))
+    assert cfg.search_args(0.7, "tamt-mlm") == {"learning_rate": 5.0e-5, "max_steps": 20, "weight_decay": 0.01}
+    assert cfg.search_args(0.5, "tamt-kd") == {"learning_rate": 2.0e-5, "max_steps": 7, "weight_decay": 0.01}
+    assert cfg.gpu.peak_flops == 989e12 and cfg.gpu.search_mfu == 0.3 and cfg.gpu.finetune_mfu == 0.25
+    for change, message in (({"gpu": {"name": "tpu"}}, "gpu: name 'tpu' unknown"),
+                            ({"gpu": {"name": "a100", "flops": 1}}, "gpu: unknown key(s) ['flops']"),
+                            ({"search": {"max_steps": {"tamt-mlm": {0.5: 10}}}}, "without a value for [0.7]")):
+        path.write_text(yaml.safe_dump({**raw, **change}))
+        with pytest.raises(StudyError, match=re.escape(message)):
+            load_config(str(path))
