@@ -96,3 +96,44 @@ def describe(gpu: GpuAssumptions) -> str:
             f"passes x (2 x matmul weights + attention) per token (tamt_ds/study/cost.py), fine-tuning at the "
             f"padded length; GLUE / SQuAD sizes as published")
 
+
+class StudyGpuHours:
+    """Expected GPU-hours of each kind of job (None without the config's gpu section)."""
+
+    def __init__(self, cfg):  # a StudyConfig
+        self.cfg, self.gpu = cfg, cfg.gpu
+        self.model = ModelFlops.of(cfg.model_name_or_path) if cfg.gpu else None
+
+    def _hours(self, flops: float, mfu: float) -> float | None:
+        return gpu_hours(flops, mfu, self.gpu) if self.gpu else None
+
+    def search(self, objective: str, args: dict, steps: int) -> float | None:
+        if not self.gpu:
+            return None
+        from tamt_ds.search import SEARCH_MAX_SEQ_LENGTH
+
+        batch = int(args.get("per_device_train_batch_size", 64 if objective != "imp" else 32)) * self.cfg.nproc
+        batch *= int(args.get("gradient_accumulation_steps", 1))
+        seq = int(args.get("max_seq_length", SEARCH_MAX_SEQ_LENGTH))
+        return self._hours(search_flops(self.model, objective, steps, batch, seq), self.gpu.search_mfu)
+
+    def evaluate(self, masks: int) -> float | None:
+        if not self.gpu:
+            return None
+        e = self.cfg.evaluate
+        seq = int(e.get("max_seq_length", 128))
+        tokens = int(e.get("eval_blocks", 64)) * seq
+        return self._hours((masks + 1) * tokens * self.model.forward(seq), self.gpu.finetune_mfu)
+
+    def finetune(self, task: str, args: dict) -> float | None:
+        if not self.gpu:
+            return None
+        from tamt_ds.study.runner import _finetune_steps, finetune_nproc  # the plan's own step count
+
+        batch = int(args.get("per_device_train_batch_size", 32)) * finetune_nproc(self.cfg)
+        batch *= int(args.get("gradient_accumulation_steps", 1))
+        steps = _finetune_steps(args, task, finetune_nproc(self.cfg))
+        evaluations = 1 + (steps // int(args["eval_steps"]) if args.get("eval_steps") else 0)
+        flops = finetune_flops(self.model, task, examples=steps * batch, evaluations=evaluations,
+                               seq_len=int(args.get("max_seq_length", 128)))
+        return self._hours(len(self.cfg.finetune.seeds) * flops, self.gpu.finetune_mfu)

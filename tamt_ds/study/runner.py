@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 from tamt_ds.study import cost
 from tamt_ds.study.config import DENSE, REPO_ROOT, TAMT_METHODS, MaskCell, StudyConfig, StudyError, mask_cells
-from tamt_ds.study.cost import TASK_SIZES
 
 
 @dataclass
@@ -195,7 +194,7 @@ def _finetune_steps(args: dict, task: str, nproc: int) -> int:
     if n is None and task.startswith("local:"):
         with open(os.path.join(task[len("local:"):], "train.tsv"), encoding="utf-8") as f:
             n = sum(1 for _ in f) - 1
-    n = n or TASK_SIZES.get(task, (10_000,))[0]  # GLUE / SQuAD: the published size; another hub task: a guess
+    n = n or cost.TASK_SIZES.get(task, (10_000,))[0]  # GLUE / SQuAD: the published size; another hub task: a guess
     batch = int(args.get("per_device_train_batch_size", 32)) * nproc
     return int(float(args.get("num_train_epochs", 3.0)) * -(-n // batch))
 
@@ -213,51 +212,11 @@ def finetune_nproc(cfg: StudyConfig) -> int:
     return cfg.finetune_nproc or cfg.nproc
 
 
-class _GpuHours:
-    """Expected GPU-hours of each kind of job (None without the config's gpu section)."""
-
-    def __init__(self, cfg: StudyConfig):
-        self.cfg, self.gpu = cfg, cfg.gpu
-        self.model = cost.ModelFlops.of(cfg.model_name_or_path) if cfg.gpu else None
-
-    def _hours(self, flops: float, mfu: float) -> float | None:
-        return cost.gpu_hours(flops, mfu, self.gpu) if self.gpu else None
-
-    def search(self, objective: str, args: dict, steps: int) -> float | None:
-        if not self.gpu:
-            return None
-        from tamt_ds.search import SEARCH_MAX_SEQ_LENGTH
-
-        batch = int(args.get("per_device_train_batch_size", 64 if objective != "imp" else 32)) * self.cfg.nproc
-        batch *= int(args.get("gradient_accumulation_steps", 1))
-        seq = int(args.get("max_seq_length", SEARCH_MAX_SEQ_LENGTH))
-        return self._hours(cost.search_flops(self.model, objective, steps, batch, seq), self.gpu.search_mfu)
-
-    def evaluate(self, masks: int) -> float | None:
-        if not self.gpu:
-            return None
-        e = self.cfg.evaluate
-        seq = int(e.get("max_seq_length", 128))
-        tokens = int(e.get("eval_blocks", 64)) * seq
-        return self._hours((masks + 1) * tokens * self.model.forward(seq), self.gpu.finetune_mfu)
-
-    def finetune(self, task: str, args: dict) -> float | None:
-        if not self.gpu:
-            return None
-        batch = int(args.get("per_device_train_batch_size", 32)) * finetune_nproc(self.cfg)
-        batch *= int(args.get("gradient_accumulation_steps", 1))
-        steps = _finetune_steps(args, task, finetune_nproc(self.cfg))
-        evaluations = 1 + (steps // int(args["eval_steps"]) if args.get("eval_steps") else 0)
-        flops = cost.finetune_flops(self.model, task, examples=steps * batch, evaluations=evaluations,
-                                    seq_len=int(args.get("max_seq_length", 128)))
-        return self._hours(len(self.cfg.finetune.seeds) * flops, self.gpu.finetune_mfu)
-
-
 def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
     """The jobs still to run, in order, and counts of cells done / total."""
     b = cfg.budget
     cells = mask_cells(cfg)
-    hours = _GpuHours(cfg)
+    hours = cost.StudyGpuHours(cfg)
     jobs: list[Job] = []
     counts = {"done": 0, "total": 0}
 
