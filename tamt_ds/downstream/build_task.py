@@ -28,6 +28,7 @@ from tamt_ds.errors import InputError
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_WORDNET = "/usr/share/wordnet"
 DEFAULT_EXCLUDE = os.path.join(REPO_ROOT, "tamt_ds", "data", "sample", "*.txt")
+BUILT_TASKS = os.path.join(REPO_ROOT, "tamt_ds", "data", "tasks")  # the built tasks, shipped (a study finds them)
 COPYRIGHT = "/usr/share/doc/wordnet-base/copyright"
 
 # WordNet's lexicographer files 03-28 (lexnames(5WN)): the noun supersenses
@@ -132,8 +133,6 @@ def main(argv=None) -> int:
 
     def run():
         splits = build_supersense_noun(a.wordnet, read_excluded(a.exclude))
-        from tamt_ds.study.runner import BUILT_TASKS
-
         out = a.output_dir or os.path.join(BUILT_TASKS, a.task)
         write_task(splits, out, a.license)
         print(f"{a.task}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" rows -> {out}")

@@ -82,12 +82,9 @@ def shared_data_dir(cfg: StudyConfig) -> str:
     return path
 
 
-# tasks the project builds itself from a Debian package (python -m tamt_ds.downstream.build_task), shipped
-BUILT_TASKS = str(REPO_ROOT / "tamt_ds" / "data" / "tasks")
-
-
 def task_ids(cfg: StudyConfig) -> dict[str, str]:
     """Study task name -> the fine-tuning harness's task (a hub task name or local:DIR)."""
+    from tamt_ds.downstream.build_task import BUILT_TASKS  # the project's own, built from a Debian package
     from tamt_ds.downstream.tasks import KNOWN_TASKS, LOCAL_PREFIX
 
     out = {}
