@@ -450,7 +450,7 @@ def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
     """Stage after stage, each through an executor (tamt_ds/study/executor.py: local child
     processes, `parallel_jobs` side by side, disjoint GPUs).  One line when a job starts (which,
     how many left, the plan's estimate) and when it ends."""
-    from tamt_ds.study.executor import LocalExecutor
+    from tamt_ds.study.executor import Executor, LocalExecutor
 
     t_start, started, lock = time.perf_counter(), [0], threading.Lock()
 
@@ -475,7 +475,7 @@ def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
         if not mine:
             continue
         t0 = time.perf_counter()
-        executor = LocalExecutor(cfg.parallel_jobs, one)  # the stages' order is the dependency: wait between
+        executor: Executor = LocalExecutor(cfg.parallel_jobs, one)  # stages in order: their only dependency
         for job in mine:
             executor.submit(job)
         executor.wait()
