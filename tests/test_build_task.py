@@ -112,3 +112,13 @@ def test_shipped_task_is_what_the_script_builds(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in (*[f"{s}.tsv" for s in SPLITS], "LICENSE.wordnet"):
         assert filecmp.cmp(SHIPPED / name, tmp_path / "t" / name, shallow=False), name
+
+
+def test_shipped_task_loads_as_a_local_task():
+    """The harness reads it as a 26-class single-sentence task, as the study runs it."""
+    from tamt_ds.downstream.tasks import load_task
+
+    spec, splits = load_task(f"local:{SHIPPED}")
+    assert spec.kind == "classification" and spec.num_labels == 26 and spec.text_columns == ("sentence",)
+    assert spec.label_list[0] == "noun.Tops" and list(spec.label_list) == sorted(spec.label_list)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 10156, "validation": 1392, "test": 1381}
