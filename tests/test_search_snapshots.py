@@ -58,11 +58,18 @@ def test_snapshot_is_the_shorter_search_and_the_run_is_unchanged(runs):
             assert mask[key].dtype == torch.bool and int((~mask[key]).sum()) == int(mask[key].numel() * 0.6), key
     assert any(not torch.equal(early[k], final[k]) for k in early)  # the search moved: the test can fail
 
-    def trace(run):  # the live thresholds and losses at every step
+    def trace(run):  # loss (dropout: the RNG) and live-mask movement at every step
         rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["train/loss"], r.get("threshold")) for r in rows if "train/loss" in r]
+        return [(r["step"], r["train/loss"], r["mask/change_since_last_log"], r["mask/distance_to_init"])
+                for r in rows if "train/loss" in r]
     assert trace(snap) == trace(plain)
     assert trace(snap)[:2] == trace(short)
+    for rank in (0, 1):  # the last checkpoint: live thresholds, scores and Adam state, bit for bit
+        a, b = (load(run / f"checkpoints/step5/rank{rank}.pt") for run in (snap, plain))
+        assert a["state"]["cuts"] == b["state"]["cuts"] and a["rng"]["torch"].equal(b["rng"]["torch"])
+        for name, entry in a["params"].items():
+            for key, value in entry.items():
+                assert value.equal(b["params"][name][key]) if torch.is_tensor(value) else value == b["params"][name][key]
 
 
 def test_cost_recorded_with_each_mask(runs):
