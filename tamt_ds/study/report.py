@@ -58,6 +58,12 @@ def collect(cfg: StudyConfig) -> list[dict]:
 COST_KEYS = ("search_steps", "search_tokens", "search_flops", "search_device_seconds")
 
 
+def _mean_count(values) -> float | int:
+    """The mean, as an int where it is whole (steps and tokens of one mask seed, or of equal ones)."""
+    mean = statistics.fmean(values)
+    return int(mean) if float(mean).is_integer() else mean
+
+
 def metric_names(result: dict) -> list[tuple[str, str]]:
     """(metric, split) of a task's results: the main dev metric, and its test twin if there is one."""
     main = result["main_metric"]
@@ -87,7 +93,7 @@ def build_rows(cfg: StudyConfig, collected: list[dict]) -> list[dict]:
                   "measured_sparsity": mean_of("sparsity"),
                   "mask_seeds": [e["cell"].seed for e in entries if e["cell"].seed is not None],
                   "axis": axis, "train_examples": n,
-                  **{k: (statistics.fmean(c[k] for c in costs) if len(costs) == len(entries) else None)
+                  **{k: (_mean_count(c[k] for c in costs) if len(costs) == len(entries) else None)
                      for k in COST_KEYS}}
         per_split: dict[str, list[list[float]]] = {}  # split -> per task, the per-run main-metric values
         for task in task_names:
