@@ -235,6 +235,10 @@ def markdown(cfg: StudyConfig, rows: list[dict], corr: list[dict], figures: list
     return "\n".join(lines)
 
 
+def _fmt_flops(x) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
 def axes_markdown(cfg: StudyConfig, rows: list[dict], split: str) -> list[str]:
     """The two axes' tables: each point's cost or train-set size, KD loss and score per task."""
     lines = []
@@ -250,7 +254,7 @@ def axes_markdown(cfg: StudyConfig, rows: list[dict], split: str) -> list[str]:
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in budget:
             lines.append(f"| {r['method']} | {r['sparsity']:g} | {r['task']} | {r['search_steps']} | "
-                         f"{r['search_tokens']} | {_fmt(r['search_flops'] and r['search_flops'] / 1e12, 3)} T | "
+                         f"{r['search_tokens']} | {_fmt_flops(r['search_flops'])} | "
                          f"{_fmt(r['search_device_seconds'], 0)} | {_fmt(r['kd_loss'], 4)} | "
                          f"{r['mean']:.2f} ± {r['std']:.2f} |")
     data = sorted((r for r in rows if r["split"] == split and r["task"] in cfg.data_tasks and cfg.train_examples.sizes
