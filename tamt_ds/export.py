@@ -19,6 +19,7 @@ import torch
 from tamt_ds import sharding
 from tamt_ds.maskfile import save_mask_file
 from tamt_ds.models import RANDOM_WEIGHTS_KEY, export_name, load_original_backbone, original_backbone_layout
+from tamt_ds.search_cost import write_cost
 
 
 def replace_dir(tmp: str, final: str) -> None:
@@ -115,4 +116,29 @@ def export_search_outputs(output_dir: str, model, masks, source: str, tokenizer)
         save_mask_file(full, model, os.path.join(output_dir, "mask.pt"))
         by_key = {export_name(model, name): keep for name, keep in full.items()}
         save_pruned_model(by_key, source, tokenizer, os.path.join(output_dir, "pruned_model"))
+    sharding.barrier()
+
+
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, SNAPSHOTS, str(step))
+
+
+def export_mask_snapshot(output_dir: str, step: int, model, masks, cost: dict) -> None:
+    """OUTPUT/snapshots/STEP/mask.pt: the mask a search stopped here would export (cut at exactly
+    the target sparsity from the live scores), and its cost.json.  The live thresholds are put
+    back bit for bit, and nothing else of the run (scores, optimizer, RNG, data) is touched:
+    one search gives the whole search-budget curve (collective: every rank calls it)."""
+    live = masks.cuts()
+    masks.reset_thresholds()
+    try:
+        full = masks.full_masks()
+    finally:
+        masks.load_cuts(live)
+    if sharding.rank() == 0:
+        folder = snapshot_dir(output_dir, step)
+        write_cost(folder, cost)
+        save_mask_file(full, model, os.path.join(folder, "mask.pt"))  # last: a snapshot with mask.pt is complete
     sharding.barrier()

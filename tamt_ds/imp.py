@@ -49,9 +49,10 @@ from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_bloc
     default_train_files, default_validation_files
 from tamt_ds.maskfile import atomic_torch_save, masks_for_model, read_mask_file
 from tamt_ds.masking import INIT_SCORE, TAMT_PATTERNS, MaskSet, attach_masks
-from tamt_ds.models import DEFAULT_MODEL, export_name, load_model, load_tokenizer
+from tamt_ds.models import DEFAULT_MODEL, export_name, load_model, load_tokenizer, model_config
 from tamt_ds.monitor import Monitor, memory_mb
 from tamt_ds.objectives import compute_loss, mlm_accuracy
+from tamt_ds.search_cost import CostMeter, flops_per_token, read_cost, write_cost
 from tamt_ds.thresholds import Cut, bottom_k_cuts
 from tamt_ds.errors import InputError
 
@@ -285,11 +286,13 @@ def imp(args: IMPArguments, data: CorpusArguments) -> dict:
                                             world_size=world, seed=args.seed, mlm=True)
     done = finished_levels(args, all_levels) if args.resume else 0
     mask_file, head_state = None, None
+    meter = CostMeter(flops_per_token(model_config(args.model_name_or_path), data.max_seq_length, "imp"))
     if done:  # continue after the last finished level: its mask, MLM head and data position
         last = level_dir(args.output_dir, all_levels[done - 1])
         mask_file = read_mask_file(os.path.join(last, "mask.pt"))
         head_state = torch.load(os.path.join(last, "mlm_head.pt"), map_location="cpu", weights_only=True)
         loader.load_state_dict(read_data_positions(last))  # re-dealt if the world size changed
+        meter.device_seconds = (read_cost(last) or {}).get("search_device_seconds", 0.0)
     start_output_dir(args, all_levels, {"imp": dataclasses.asdict(args), "data": dataclasses.asdict(data),
                                         "deepspeed": ds_config, "world_size": world, "levels": all_levels})
     monitor = Monitor(args.output_dir, total_steps=len(all_levels) * args.prune_interval,
@@ -304,14 +307,14 @@ def imp(args: IMPArguments, data: CorpusArguments) -> dict:
         if r > done + 1 or sharding.rank() != 0:
             quiet_loading()  # one load report (rank 0, first round) is enough
         mask_file, head_state, summary = run_round(args, ds_config, r, all_levels[r - 1], mask_file, head_state,
-                                                   batches, loader, eval_batches, monitor)
+                                                   batches, loader, eval_batches, monitor, meter)
     monitor.write(f"done: masks for levels {', '.join(f'{lv:g}' for lv in all_levels)} in {args.output_dir}")
     monitor.close()
     return summary
 
 
 def run_round(args: IMPArguments, ds_config: dict, r: int, level: float, mask_file, head_state, batches, loader,
-              eval_batches, monitor: Monitor):
+              eval_batches, monitor: Monitor, meter: CostMeter):
     """Round r: rewound weights under the last level's mask, trained; pruned to `level`; saved."""
     t0 = time.perf_counter()
     torch.manual_seed(args.seed * 1000 + r)  # dropout: a function of (seed, round), so a resumed round is the same
@@ -328,6 +331,7 @@ def run_round(args: IMPArguments, ds_config: dict, r: int, level: float, mask_fi
     engine.train()  # from_pretrained returns the model in eval mode: the weights train with their dropout
     base = (r - 1) * args.prune_interval
     loss_sum, n = torch.zeros((), device=device), 0  # read once per logging step: no host sync per step
+    meter.start()  # the training steps are the search cost (not the rewind, evaluation, pruning or saving)
     for step in range(1, args.prune_interval + 1):
         for _ in range(args.gradient_accumulation_steps):
             terms = compute_loss("mlm", engine, masks, to_device(next(batches), device))
@@ -344,6 +348,7 @@ def run_round(args: IMPArguments, ds_config: dict, r: int, level: float, mask_fi
             monitor.step(0, loss=float(loss))
             loss_sum.zero_()
             n = 0
+    cost = meter.totals(loader, r * args.prune_interval)  # collective; cumulative over rounds
     scores = validation_mlm(engine, eval_batches, device) if eval_batches else {}
 
     # ZeRO-3 may still hold gathered copies of parameters prefetched for a next forward; they
@@ -364,6 +369,7 @@ def run_round(args: IMPArguments, ds_config: dict, r: int, level: float, mask_fi
         atomic_torch_save(head_state, os.path.join(out, "mlm_head.pt"))
         atomic_torch_save(positions, os.path.join(out, DATA_POSITIONS))
         checkpoint.atomic_write_text(os.path.join(out, "level.json"), json.dumps(summary, indent=2))
+    write_cost(out, cost)
     sharding.barrier()
     if sharding.rank() == 0:  # last: a level with mask.pt is finished (resume and the study rely on it)
         atomic_torch_save(keep, os.path.join(out, "mask.pt"))

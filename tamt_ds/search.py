@@ -21,13 +21,14 @@ from tamt_ds.engine import to_device
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, default_train_files, \
     default_validation_files
 from tamt_ds.errors import InputError
-from tamt_ds.export import export_search_outputs
+from tamt_ds.export import export_mask_snapshot, export_search_outputs
 from tamt_ds.host_memory import release_freed_memory_for
 from tamt_ds.maskfile import read_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, check_settings, prepare_search
 from tamt_ds.models import DEFAULT_MODEL, enable_gradient_checkpointing, load_model, load_tokenizer, random_weights_note
 from tamt_ds.monitor import Monitor, memory_mb
 from tamt_ds.objectives import OBJECTIVES, compute_loss, kd_loss_sum, mlm_accuracy, teacher_hidden_states
+from tamt_ds.search_cost import CostMeter, flops_per_token, write_cost
 
 
 SEARCH_MAX_SEQ_LENGTH = 32  # tokens per block of the default search (CorpusArguments' default is 64)
@@ -73,6 +74,9 @@ class SearchArguments:
         "help": "keep the newest N checkpoints; older ones are deleted once a newer one is complete (0: keep all)"})
     logging_steps: int = 10
     eval_steps: int = 100
+    mask_snapshot_steps: list[int] = field(default_factory=list, metadata={
+        "help": "also export the mask at these steps, e.g. 30 60 120: OUTPUT/snapshots/STEP/mask.pt (+ cost.json), "
+                "each cut at exactly --sparsity from the live scores; the run itself is unchanged"})
     dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
         "help": "seconds a dead or frozen peer goes unnoticed before the run stops; a peer alive but stuck: "
                 "60 s more (see docs/cluster.md)"})
@@ -106,6 +110,10 @@ def validate(args: SearchArguments, data: CorpusArguments) -> None:
     if args.objective not in OBJECTIVES:
         raise SearchError(f"unknown --objective {args.objective!r}: use one of {', '.join(OBJECTIVES)}")
     check_settings(args.sparsity, args.threshold_scope)
+    bad = [s for s in args.mask_snapshot_steps if not 1 <= s <= args.max_steps]
+    if bad:
+        raise SearchError(f"--mask_snapshot_steps {' '.join(map(str, bad))}: a snapshot step must be in "
+                          f"1..--max_steps ({args.max_steps}); pass e.g. --mask_snapshot_steps {max(1, args.max_steps // 4)}")
     if args.dist_timeout <= 0:
         raise SearchError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
 
@@ -128,9 +136,9 @@ def start_output_dir(args: SearchArguments, config: dict) -> None:
     """Called once everything loaded: only a run that can start touches the directory."""
     if sharding.rank() == 0:
         if args.overwrite_output_dir and not args.resume:
-            for sub in ("checkpoints", "tensorboard", "pruned_model"):
+            for sub in ("checkpoints", "tensorboard", "pruned_model", "snapshots"):
                 shutil.rmtree(os.path.join(args.output_dir, sub), ignore_errors=True)
-            for f in ("metrics.jsonl", "mask.pt"):
+            for f in ("metrics.jsonl", "mask.pt", "cost.json"):
                 if os.path.exists(os.path.join(args.output_dir, f)):
                     os.remove(os.path.join(args.output_dir, f))
         os.makedirs(args.output_dir, exist_ok=True)
@@ -203,10 +211,12 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
                                             rank=sharding.rank(), world_size=sharding.world_size(),
                                             seed=args.seed, mlm=use_mlm)
     step = 0
+    meter = CostMeter(flops_per_token(model.config, data.max_seq_length, args.objective))
     if resume_from is not None:
         restored = checkpoint.load(engine, resume_from)
         step = restored.step
         masks.load_cuts(restored.state["cuts"])
+        meter.device_seconds = restored.state.get("device_seconds", 0.0)  # absent in checkpoints made before it
         loader.load_state_dict(restored.data)  # re-dealt over the readers if the world size changed
         masks.restore_initial()
     start_output_dir(args, run_config(args, data, ds_config, model_id, random_weights))
@@ -225,6 +235,8 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     diverged = guards.NonFiniteGuard(device)
     # Loss terms add up on the device and are read once per logging step: no host sync per step.
     window = {"t": time.perf_counter(), "tokens": 0, "blocks": 0, "terms": {}, "n": 0}
+    snapshot_steps = set(args.mask_snapshot_steps)
+    meter.start()
     while step < args.max_steps:
         for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)  # on the host: counting its tokens costs no device sync
@@ -245,20 +257,29 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
         if step % args.logging_steps == 0 or step == args.max_steps:
             diverged.check(kept=f"checkpoints saved before it stay in {ckpt_root}")
             log_step(monitor, step, masks, scheduler, window, loader)
+        if step in snapshot_steps:  # the run's thresholds, RNG and optimizer are left as they are
+            export_mask_snapshot(args.output_dir, step, model, masks, meter.totals(loader, step))
+            meter.start()
         if args.eval_steps and (step % args.eval_steps == 0 or step == args.max_steps) and eval_batches:
+            meter.pause()
             monitor.log(step, evaluate(engine, masks, eval_batches, device, args.objective))
+            meter.start()
         if step % args.save_steps == 0 or step == args.max_steps:
             diverged.check(kept=f"checkpoints saved before it stay in {ckpt_root}")
+            meter.pause()
             # The live thresholds, not reset here: a save must not change the search (a run
             # saved every 7 steps and one saved every 1000 end with the same mask), and a
             # resume goes on with exactly the thresholds the run had.
-            checkpoint.save(engine, ckpt_root, step, {"cuts": masks.cuts()}, data=loader.state_dict(), model=model_id,
-                            keep=args.save_total_limit)
+            checkpoint.save(engine, ckpt_root, step, {"cuts": masks.cuts(), "device_seconds": meter.device_seconds},
+                            data=loader.state_dict(), model=model_id, keep=args.save_total_limit)
+            meter.start()
 
     # The search is over: the exported mask is cut at exactly the target sparsity (between
     # resets the live thresholds let it drift), whatever step the last reset fell on.
+    cost = meter.totals(loader, step)
     masks.reset_thresholds()
     final = masks.stats(update_last=False)
+    write_cost(args.output_dir, cost)
     export_search_outputs(args.output_dir, model, masks, args.model_name_or_path, tokenizer)
     monitor.write(f"done: sparsity {final['sparsity']:.4f}, distance to initial mask {final['distance_to_init']:.4f}; "
                   f"outputs in {args.output_dir}")

@@ -1,7 +1,9 @@
 """launchers/study.py end to end on a tiny model and tiny local tasks: every stage as a real
 subprocess, a hard kill and a resume that redoes nothing finished, study.json rows, the
-correlations against the table, the figures; the config's one-line errors; and the rule that
-no dev or test input of the embedded study's tasks is in the shipped upstream text."""
+correlations against the table, the figures; the search-budget and train-examples axes and the
+MLM-loss panel (the tiny model has a pre-trained MLM head, made and saved here); the config's
+one-line errors; and the rule that no dev or test input of the embedded study's tasks is in the
+shipped upstream text."""
 import csv
 import json
 import os
@@ -54,6 +56,11 @@ def tiny_config(tmp: Path, model: str) -> Path:
                      "args": {"max_steps": 3, "max_seq_length": 32, "per_device_train_batch_size": 8,
                               "eval_steps": 0, "learning_rate": 1e-3},
                      "task_args": {"pairs": {"max_steps": 2, "per_device_train_batch_size": 4}}},
+        # the two axes, one small point each: a snapshot at step 2 of the 4-step search, IMP every step
+        # (main: every 2), TAMT and OMP masks fine-tuned on 8 of the 40 train examples
+        "search_budget": {"snapshot_steps": [2], "imp_prune_intervals": [1], "sparsities": [0.4], "tasks": ["single"]},
+        "train_examples": {"sizes": [8], "methods": ["tamt-kd", "omp"], "sparsities": [0.4],
+                           "tasks": ["single"]},
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -66,10 +73,13 @@ def run_study(config: Path, *extra, timeout: int = 2400) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def study(tiny_bert, tmp_path_factory):
-    """A study killed (SIGKILL) once its first fine-tuning result exists, then run again."""
+def study(tmp_path_factory):
+    """A study killed (SIGKILL) once its first fine-tuning result exists, then run again; its model
+    is a tiny BERT with a pre-trained MLM head (as bert-base-uncased has), saved here."""
+    from tests.tiny_bert_mlm import make_tiny_bert_mlm
+
     tmp = tmp_path_factory.mktemp("study")
-    config = tiny_config(tmp, tiny_bert)
+    config = tiny_config(tmp, make_tiny_bert_mlm(str(tmp / "tiny_bert_mlm")))
     out = tmp / "study"
     proc = subprocess.Popen([sys.executable, str(LAUNCHER), "--config", str(config)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -125,10 +135,13 @@ def test_masks_levels_and_rows(study):
             run = json.loads(results.read_text())
             assert [s["steps"] for s in run["per_seed"]] == [steps, steps], results
             assert run["args"]["per_device_train_batch_size"] == batch, results
-    rows = json.loads((out / "study.json").read_text())
-    assert isinstance(rows, list)
-    for r in rows:
-        assert {"method", "sparsity", "task", "metric", "mean", "std", "kd_loss"} <= r.keys()
+    all_rows = json.loads((out / "study.json").read_text())
+    assert isinstance(all_rows, list)
+    for r in all_rows:
+        assert {"method", "sparsity", "task", "metric", "mean", "std", "kd_loss", "axis", "search_steps",
+                "search_tokens", "train_examples"} <= r.keys()
+    rows = [r for r in all_rows if r["axis"] == "main"]
+    assert all(r["train_examples"] is None for r in rows)
     cells = {(r["method"], r["sparsity"], r["task"], r["split"]) for r in rows}
     for method in ("tamt-kd", "imp", "omp", "random"):
         for s in (0.2, 0.4):
@@ -147,14 +160,15 @@ def test_masks_levels_and_rows(study):
             assert res["best"][r["metric"]]["values"] == r["values"]
             ev = json.loads((out / "eval" / f"{cell}.json").read_text())
             assert ev["kd_loss"] == r["kd_loss"]
-    assert (out / "study.md").read_text().count("| tamt-kd |") == 2
+    main_table = (out / "study.md").read_text().split("Spearman correlation")[0]  # the axes' tables follow it
+    assert main_table.count("| tamt-kd |") == 2
 
 
 def test_correlations_match_the_table(study):
     from scipy.stats import spearmanr
 
     out = study["out"]
-    rows = json.loads((out / "study.json").read_text())
+    rows = [r for r in json.loads((out / "study.json").read_text()) if r["axis"] == "main"]
     corr = json.loads((out / "correlations.json").read_text())
     for s in (0.2, 0.4):
         pts = [(r["kd_loss"], r["mean"]) for r in rows
@@ -165,7 +179,17 @@ def test_correlations_match_the_table(study):
         assert (c["rho"] is None and rho != rho) or c["rho"] == pytest.approx(rho)
         if c["low"] is not None:
             assert -1 <= c["low"] <= c["high"] <= 1
-    assert not any(c["loss"] == "mlm_loss" for c in corr)  # tiny_bert has no pre-trained MLM head
+    # the model has a pre-trained MLM head: MLM loss measured for every mask and correlated like KD
+    for s in (0.2, 0.4, "all"):
+        c = next(c for c in corr if c["loss"] == "mlm_loss" and c["sparsity"] == s)
+        assert c["n"] == (8 if s == "all" else 4)
+    for r in rows:
+        cell = "dense" if r["method"] == "dense" else \
+            f"{r['method']}_s{r['sparsity']:g}" + ("" if r["method"] == "omp" else "_m1")
+        ev = json.loads((out / "eval" / f"{cell}.json").read_text())
+        assert ev["mlm_head"] == "pre-trained" and r["mlm_loss"] == ev["mlm_loss"] > 0
+        assert r["mlm_accuracy"] == ev["mlm_accuracy"]
+    assert "| MLM loss |" in (out / "study.md").read_text()
 
 
 def drawn_pixels(path: Path):
@@ -188,10 +212,10 @@ def test_figures_written_and_plot_only(study):
     import numpy as np
 
     out = study["out"]
-    names = ["fig_downstream_vs_sparsity.png", "fig_downstream_vs_kd_loss.png", "fig_mask_overlap_s0.2.png",
-             "fig_mask_overlap_s0.4.png", "fig_sparsity_profile.png"]
+    names = ["fig_downstream_vs_sparsity.png", "fig_downstream_vs_kd_loss.png", "fig_downstream_vs_mlm_loss.png",
+             "fig_mask_overlap_s0.2.png", "fig_mask_overlap_s0.4.png", "fig_sparsity_profile.png",
+             "fig_search_efficiency.png", "fig_data_scarcity.png"]
     drawn = {name: drawn_pixels(out / name) for name in names}
-    assert not (out / "fig_downstream_vs_mlm_loss.png").exists()
     rows = (out / "study.json").read_text()
     for name in names:
         (out / name).unlink()
@@ -220,6 +244,67 @@ def test_figures_written_and_plot_only(study):
         ev_path.write_text(original)
         assert run_study(study["config"], "--plot-only", timeout=600).returncode == 0  # as the other tests expect
     assert (out / "study.json").read_text() == rows
+
+
+def test_search_budget_axis(study):
+    """A snapshot of the 4-step search at step 2 and IMP every step are points of the axis, each with
+    what it cost; the main cells carry their own cost (OMP and random: none)."""
+    import torch
+
+    out = study["out"]
+    snap = torch.load(out / "masks/tamt-kd_s0.4_m1/snapshots/2/mask.pt", weights_only=True)
+    assert all(int((~v).sum()) == int(v.numel() * 0.4) for v in snap.values()) and len(snap) == 14
+    final = torch.load(out / "masks/tamt-kd_s0.4_m1/mask.pt", weights_only=True)
+    assert snap.keys() == final.keys()
+    rows = [r for r in json.loads((out / "study.json").read_text()) if r["split"] == "test"]
+
+    def row(axis, method, steps, task="single"):
+        found = [r for r in rows if (r["axis"], r["method"], r["sparsity"], r["task"], r["search_steps"])
+                 == (axis, method, 0.4, task, steps)]
+        assert len(found) == 1, (axis, method, steps, found)
+        return found[0]
+
+    for axis, method, steps, folder, cell in (
+            ("search_budget", "tamt-kd", 2, "masks/tamt-kd_s0.4_m1/snapshots/2", "tamt-kd_s0.4_m1_step2"),
+            ("main", "tamt-kd", 4, "masks/tamt-kd_s0.4_m1", "tamt-kd_s0.4_m1"),
+            ("search_budget", "imp", 4 * 1, "masks/imp_m1_every1/0.4", "imp_s0.4_m1_every1"),  # 4 rounds x 1 step
+            ("main", "imp", 4 * 2, "masks/imp_m1/0.4", "imp_s0.4_m1")):
+        r, cost = row(axis, method, steps), json.loads((out / folder / "cost.json").read_text())
+        assert r["search_tokens"] == cost["search_tokens"] > 0 and r["search_flops"] == cost["search_flops"] > 0
+        assert r["search_device_seconds"] == cost["search_device_seconds"] > 0
+        assert r["train_examples"] is None and r["kd_loss"] > 0
+        res = json.loads((out / "finetune" / cell / "local-single" / "results.json").read_text())
+        assert res["best"][r["metric"]]["values"] == r["values"] and res["mask"].endswith("mask.pt")
+    # a snapshot's cost is that of its steps: tokens grow with the search (4 blocks of <= 32 tokens a step)
+    assert row("search_budget", "tamt-kd", 2)["search_tokens"] < row("main", "tamt-kd", 4)["search_tokens"] <= 4 * 4 * 32
+    assert not any(r["axis"] == "search_budget" and r["task"] == "pairs" for r in rows)  # the axis's tasks only
+    omp = row("main", "omp", 0)
+    assert omp["search_tokens"] == 0 and omp["search_flops"] == 0
+    assert all(r["search_steps"] is None for r in rows if r["method"] == "dense")
+    md = (out / "study.md").read_text()
+    assert "Search budget" in md and "| tamt-kd | 0.4 | single | 2 |" in md
+
+
+def test_train_examples_axis(study):
+    """TAMT's and OMP's masks fine-tuned on the same 8 examples for a seed (another 8 for the other
+    seed), recorded per seed; the rows carry N and the figure's differences are paired by seed."""
+    out = study["out"]
+    runs = {m: json.loads((out / "finetune" / cell / "n8" / "local-single" / "results.json").read_text())
+            for m, cell in (("tamt-kd", "tamt-kd_s0.4_m1"), ("omp", "omp_s0.4"))}
+    seen = {m: [(s["seed"], s["train_examples"], s["train_sha256"]) for s in r["per_seed"]] for m, r in runs.items()}
+    assert seen["tamt-kd"] == seen["omp"]
+    (_, n1, sha1), (_, n2, sha2) = seen["omp"]
+    assert n1 == n2 == 8 and sha1 != sha2  # the subset is drawn from the fine-tuning seed
+    full = json.loads((out / "finetune/omp_s0.4/local-single/results.json").read_text())
+    assert [s["train_examples"] for s in full["per_seed"]] == [40, 40]
+    assert all(r["args"]["train_subset"] == 8 for r in runs.values()) and full["args"]["train_subset"] is None
+    rows = [r for r in json.loads((out / "study.json").read_text()) if r["axis"] == "train_examples"]
+    assert {(r["method"], r["sparsity"], r["task"], r["train_examples"]) for r in rows if r["split"] == "test"} \
+        == {(m, 0.4, t, 8) for m in ("tamt-kd", "omp") for t in ("single", "average")}
+    for r in rows:
+        if r["task"] == "single":
+            assert r["values"] == runs[r["method"]]["best"][r["metric"]]["values"]
+    assert "| omp | 0.4 | single | 8 |" in (out / "study.md").read_text()
 
 
 @pytest.mark.parametrize("section, key, value, refused", [
@@ -251,6 +336,12 @@ def test_edited_protocol_refused_not_mixed(study, tmp_path, section, key, value,
     ({"finetune": {"tasks": ["nosuchtask"], "task_data_dir": "/nonexistent"}}, "not found"),
     ({"launcher": "slurm"}, "launcher must be"),
     ({"finetune": {"task_args": {"wic": {"max_steps": 5}}}}, "finetune.task_args must map tasks of finetune.tasks"),
+    ({"search": {"max_steps": 20}, "search_budget": {"snapshot_steps": [10, 20]}},
+     "search_budget.snapshot_steps [20] are not before the search's end at sparsity 0.5"),
+    ({"search_budget": {"imp_prune_intervals": [20]}}, "repeats imp.prune_interval (20)"),
+    ({"train_examples": {"sizes": [0, 100]}}, "train_examples.sizes must be a list of distinct whole numbers >= 1"),
+    ({"train_examples": {"sizes": [100], "methods": ["omp"]}}, "train_examples.methods must be a list of the study's"),
+    ({"search_budget": {"snapshot_stepz": [10]}}, "search_budget: unknown key(s) ['snapshot_stepz']"),
 ])
 def test_bad_config_one_line(tmp_path, change, message):
     cfg = {"methods": ["tamt-kd", "imp"], "sparsities": [0.5], "output_dir": str(tmp_path / "o"), **change}

@@ -1,6 +1,8 @@
 """Fine-tuning data: a task's raw splits and tokenised features, and the training batches."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from tamt_ds import sharding
@@ -17,13 +19,26 @@ class TaskData:
     evals: dict  # split -> (raw examples, tokenised features)
     _cache: tuple = (None, None)  # (subset seed or None, train features): tokenised once per subset
 
+    def train_examples(self, args: FinetuneArguments, seed: int):
+        """The raw examples a seed trains on: the whole split, or its --train_subset drawn from the seed
+        alone (so every mask and method fine-tuned with this seed sees the same examples)."""
+        return _subset(self.train, args.train_subset, seed) if args.train_subset is not None else self.train
+
     def train_features(self, args: FinetuneArguments, tokenizer, seed: int):
         key = seed if args.train_subset is not None else None  # the subset depends on the seed
         if self._cache[1] is None or self._cache[0] != key:
-            raw = _subset(self.train, args.train_subset, seed) if args.train_subset is not None else self.train
+            raw = self.train_examples(args, seed)
             self._cache = (key, tokenize_split(self.spec, raw, tokenizer, max_seq_length=args.max_seq_length,
                                                doc_stride=args.doc_stride, train=True))
         return self._cache[1]
+
+
+def examples_sha256(examples) -> str:
+    """A fingerprint of raw examples (their order included): results.json records the one each seed trained on."""
+    digest = hashlib.sha256()
+    for row in examples:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def load_data(args: FinetuneArguments, name: str, tokenizer) -> TaskData:

@@ -24,7 +24,7 @@ from tamt_ds import engine as eng, sharding
 from tamt_ds.downstream.arguments import (FinetuneArguments, MaskSpec, check_zero_stage, mask_label, parse_args,
                                           parse_mask, parse_seeds, slug, task_names, validate)
 from tamt_ds.downstream.audit import measure_sparsity
-from tamt_ds.downstream.data import TaskData, load_data, train_batches
+from tamt_ds.downstream.data import TaskData, examples_sha256, load_data, train_batches
 from tamt_ds.downstream.evaluation import evaluate
 from tamt_ds.downstream.fixed_mask import FixedMask, mask_for_task
 from tamt_ds.downstream.metrics import main_score
@@ -103,7 +103,9 @@ def run_seed(args: FinetuneArguments, data: TaskData, seed: int, ds_config: dict
     engine.destroy()  # releases ZeRO-3's hooks and buffers before the next seed builds its engine
     del engine, model, fixed
     gc.collect()
-    return {"seed": seed, "steps": total, "best_step": best_step, "best": best, "final": final,
+    used = data.train_examples(args, seed)
+    return {"seed": seed, "steps": total, "train_examples": len(used), "train_sha256": examples_sha256(used),
+            "best_step": best_step, "best": best, "final": final,
             "history": history, "sparsity": sparsity, "train_time_s": time.perf_counter() - t0,
             **({"model_dir": model_dir} if model_dir else {})}
 

@@ -2,6 +2,8 @@
 
     methods x sparsities x mask seeds -> mask cells (+ the dense model as a reference)
     mask cell x tasks x fine-tuning seeds -> downstream scores
+    optional axes (issue 17): search_budget (masks found with less search: TAMT snapshots, IMP at
+    other prune intervals) and train_examples (masks fine-tuned on seeded subsets of N examples)
 
 Every path in a config is relative to the repository root unless absolute, so that
 `make study` works from any clone; the downstream data of local tasks lives in
@@ -67,6 +69,28 @@ class FinetuneSpec:
 
 
 @dataclass
+class SearchBudgetAxis:
+    """Masks found with less search, at `sparsities` (default: the study's), fine-tuned on `tasks`
+    (default: the study's).  TAMT: the masks its searches export at `snapshot_steps` (free: the
+    same run); IMP: one more IMP run per `imp_prune_intervals` entry (each costs a whole run)."""
+    snapshot_steps: list[int] = field(default_factory=list)
+    imp_prune_intervals: list[int] = field(default_factory=list)
+    sparsities: list[float] | None = None
+    tasks: list[str] | None = None
+
+
+@dataclass
+class TrainExamplesAxis:
+    """The study's masks fine-tuned on seeded subsets of N train examples (`sizes`; the whole set is
+    the main study).  The subset is drawn from the fine-tuning seed alone: the same examples for
+    every mask and method.  Default methods / sparsities / tasks: the study's (+ the dense model)."""
+    sizes: list[int] = field(default_factory=list)
+    methods: list[str] | None = None
+    sparsities: list[float] | None = None
+    tasks: list[str] | None = None
+
+
+@dataclass
 class StudyConfig:
     name: str = "study"
     output_dir: str = "outputs/study"
@@ -86,6 +110,8 @@ class StudyConfig:
     imp: dict[str, Any] = field(default_factory=dict)  # launchers/imp.py arguments
     evaluate: dict[str, Any] = field(default_factory=dict)  # launchers/evaluate_mask.py arguments
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    search_budget: SearchBudgetAxis = field(default_factory=SearchBudgetAxis)
+    train_examples: TrainExamplesAxis = field(default_factory=TrainExamplesAxis)
     budget: Budget = field(default_factory=Budget)
     gpu: GpuAssumptions | None = None  # with it, --dry-run also prints each job's expected GPU-hours
     source: str = ""  # the config file
@@ -100,18 +126,42 @@ class StudyConfig:
 
     def search_args(self, sparsity: float, method: str | None = None) -> dict[str, Any]:
         """The search's arguments for one method and sparsity: per-method, then per-sparsity mappings
-        resolved (the paper's MLM and KD searches differ in learning rate and weight decay)."""
-        out = {}
+        resolved (the paper's MLM and KD searches differ in learning rate and weight decay), and the
+        search-budget axis's snapshot steps where it has that sparsity."""
+        args = {}
         for k, v in self.search.items():
             if _per_method(v):
                 v = v.get(method)
-            out[k] = _at_sparsity(v, sparsity) if isinstance(v, dict) else v
-        return {k: v for k, v in out.items() if v is not None}
+            args[k] = _at_sparsity(v, sparsity) if isinstance(v, dict) else v
+        args = {k: v for k, v in args.items() if v is not None}
+        if self.search_budget.snapshot_steps and _has(self.budget_sparsities, sparsity):
+            args["mask_snapshot_steps"] = sorted(self.search_budget.snapshot_steps)
+        return args
 
     @property
-    def imp_levels(self) -> list[float]:
+    def budget_sparsities(self) -> list[float]:
+        return self.search_budget.sparsities or self.sparsities
+
+    @property
+    def budget_tasks(self) -> list[str]:
+        return self.search_budget.tasks or self.finetune.tasks
+
+    @property
+    def data_sparsities(self) -> list[float]:
+        return self.train_examples.sparsities or self.sparsities
+
+    @property
+    def data_tasks(self) -> list[str]:
+        return self.train_examples.tasks or self.finetune.tasks
+
+    @property
+    def data_methods(self) -> list[str]:
+        return self.train_examples.methods or [*self.methods, *([DENSE] if self.dense_reference else [])]
+
+    def imp_levels(self, top: float | None = None) -> list[float]:
+        """IMP's levels up to `top` (default: the study's highest sparsity)."""
         step = float(self.imp.get("prune_fraction", 0.1))
-        top = max(s for s in self.sparsities)
+        top = max(self.sparsities) if top is None else top
         return [round(r * step, 10) for r in range(1, round(top / step) + 1)]
 
 
@@ -121,12 +171,15 @@ class MaskCell:
     method: str
     sparsity: float
     seed: int | None
+    budget: int | None = None  # search-budget axis: TAMT's snapshot step, IMP's prune interval (None: the study's)
 
     @property
     def id(self) -> str:
         if self.method == DENSE:
             return DENSE
-        return f"{self.method}_s{self.sparsity:g}" + (f"_m{self.seed}" if self.seed is not None else "")
+        budget = "" if self.budget is None else f"_step{self.budget}" if self.method in TAMT_METHODS \
+            else f"_every{self.budget}"
+        return f"{self.method}_s{self.sparsity:g}" + (f"_m{self.seed}" if self.seed is not None else "") + budget
 
     @property
     def label(self) -> str:
@@ -145,6 +198,26 @@ def mask_cells(cfg: StudyConfig) -> list[MaskCell]:
 def _per_method(value) -> bool:
     """A {method: value} mapping, e.g. learning_rate: {tamt-mlm: 5.0e-5, tamt-kd: 2.0e-5}."""
     return isinstance(value, dict) and bool(value) and all(k in TAMT_METHODS for k in value)
+
+
+def budget_cells(cfg: StudyConfig) -> list[MaskCell]:
+    """The search-budget axis's masks: TAMT snapshots and IMP at other prune intervals."""
+    axis, cells = cfg.search_budget, []
+    for method in cfg.methods:
+        budgets = axis.snapshot_steps if method in TAMT_METHODS else axis.imp_prune_intervals if method == "imp" else []
+        cells += [MaskCell(method, s, seed, b) for s in cfg.budget_sparsities for seed in cfg.mask_seeds
+                  for b in sorted(budgets)]
+    return cells
+
+
+def data_cells(cfg: StudyConfig) -> list[tuple[MaskCell, int]]:
+    """The train-examples axis: (a mask of the study, N train examples)."""
+    return [(cell, n) for cell in mask_cells(cfg) for n in sorted(cfg.train_examples.sizes)
+            if cell.method in cfg.data_methods and (cell.method == DENSE or _has(cfg.data_sparsities, cell.sparsity))]
+
+
+def _has(values: list[float], x: float) -> bool:
+    return any(math.isclose(v, x, abs_tol=1e-9) for v in values)
 
 
 def _at_sparsity(values: dict, sparsity: float):
@@ -187,8 +260,11 @@ def load_config(path: str) -> StudyConfig:
     finetune = _build(FinetuneSpec, raw.pop("finetune", {}) or {}, f"{path}: finetune")
     budget = _build(Budget, raw.pop("budget", {}) or {}, f"{path}: budget")
     gpu = _build(GpuAssumptions, raw.pop("gpu"), f"{path}: gpu") if raw.get("gpu") is not None else None
+    search_budget = _build(SearchBudgetAxis, raw.pop("search_budget", {}) or {}, f"{path}: search_budget")
+    train_examples = _build(TrainExamplesAxis, raw.pop("train_examples", {}) or {}, f"{path}: train_examples")
     cfg = _build(StudyConfig, raw, path)
     cfg.finetune, cfg.budget, cfg.gpu, cfg.source = finetune, budget, gpu, os.path.abspath(path)
+    cfg.search_budget, cfg.train_examples = search_budget, train_examples
     validate(cfg)
     return cfg
 
@@ -252,3 +328,40 @@ def validate(cfg: StudyConfig) -> None:
         raise StudyError(f"{where}: finetune needs at least one task and one seed")
     if cfg.finetune.report_split not in ("test", "dev"):
         raise StudyError(f"{where}: finetune.report_split must be test or dev, got {cfg.finetune.report_split!r}")
+    validate_axes(cfg, where)
+
+
+def validate_axes(cfg: StudyConfig, where: str) -> None:
+    """The search_budget and train_examples sections: lists of the study's own sparsities, tasks and
+    methods, positive counts, snapshot steps inside every search they apply to."""
+    sb, te = cfg.search_budget, cfg.train_examples
+    for section, name, values in (("search_budget", "snapshot_steps", sb.snapshot_steps),
+                                  ("search_budget", "imp_prune_intervals", sb.imp_prune_intervals),
+                                  ("train_examples", "sizes", te.sizes)):
+        if not isinstance(values, list) or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values) \
+                or len(set(values)) != len(values):
+            raise StudyError(f"{where}: {section}.{name} must be a list of distinct whole numbers >= 1, got {values!r}")
+    for section, name, values, known in (
+            ("search_budget", "sparsities", sb.sparsities, cfg.sparsities),
+            ("train_examples", "sparsities", te.sparsities, cfg.sparsities),
+            ("search_budget", "tasks", sb.tasks, cfg.finetune.tasks),
+            ("train_examples", "tasks", te.tasks, cfg.finetune.tasks),
+            ("train_examples", "methods", te.methods, [*cfg.methods, DENSE])):
+        if values is not None and (not isinstance(values, list) or not values
+                                   or any(not (_has(known, v) if name == "sparsities" else v in known) for v in values)):
+            raise StudyError(f"{where}: {section}.{name} must be a list of the study's {name} ({known}), got {values!r}")
+    if sb.snapshot_steps:
+        if not any(m in TAMT_METHODS for m in cfg.methods):
+            raise StudyError(f"{where}: search_budget.snapshot_steps needs a TAMT method in methods")
+        for s in cfg.budget_sparsities:
+            steps = int(cfg.search_args(s).get("max_steps", 270))  # 270: SearchArguments.max_steps
+            late = [n for n in sb.snapshot_steps if n >= steps]
+            if late:
+                raise StudyError(f"{where}: search_budget.snapshot_steps {late} are not before the search's end at "
+                                 f"sparsity {s:g} (max_steps {steps}): the final mask is already a point of the axis")
+    if sb.imp_prune_intervals:
+        if "imp" not in cfg.methods:
+            raise StudyError(f"{where}: search_budget.imp_prune_intervals needs imp in methods")
+        if int(cfg.imp.get("prune_interval", 20)) in sb.imp_prune_intervals:
+            raise StudyError(f"{where}: search_budget.imp_prune_intervals repeats imp.prune_interval "
+                             f"({cfg.imp.get('prune_interval', 20)}): the study's IMP run is already a point of the axis")

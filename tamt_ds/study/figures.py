@@ -6,6 +6,10 @@
     fig_downstream_vs_mlm_loss.png   the same against MLM loss (models with a pre-trained MLM head)
     fig_mask_overlap_s<S>.png        overlap of kept weights between methods, per matrix type and layer
     fig_sparsity_profile.png         each mask's sparsity per layer, and how far it moved from OMP per layer
+    fig_search_efficiency.png        score per task and held-out KD loss against search cost (FLOPs, log),
+                                     one line per method, one row per sparsity (search_budget axis)
+    fig_data_scarcity.png            score against train examples N, and TAMT minus OMP / IMP against N
+                                     (mean ± std over fine-tuning seeds), per task and sparsity (train_examples axis)
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import textwrap
 
 import numpy as np
 
-from tamt_ds.study.config import DENSE, StudyConfig
+from tamt_ds.study.config import DENSE, TAMT_METHODS, StudyConfig
 from tamt_ds.study.report import AVERAGE
 from tamt_ds.study.runner import mask_path
 
@@ -257,4 +261,128 @@ def draw_all(cfg: StudyConfig, collected, rows, points, corr, split: str) -> lis
     for s in sorted(cfg.sparsities):
         written.append(mask_overlap(cfg, masks_at(cfg, collected, s), s, os.path.join(out, f"fig_mask_overlap_s{s:g}.png")))
     written.append(sparsity_profile(cfg, collected, os.path.join(out, "fig_sparsity_profile.png")))
+    return [w for w in written if w]
+
+
+# ------------------------------------------------------------------- the two axes
+
+
+def _point_rows(rows: list[dict], split: str, task: str, sparsity: float, axes: tuple[str, ...]) -> list[dict]:
+    return [r for r in rows if r["split"] == split and r["task"] == task and r["axis"] in axes
+            and (r["sparsity"] == sparsity or r["method"] == DENSE)]
+
+
+def search_efficiency(cfg: StudyConfig, rows: list[dict], split: str, path: str) -> str | None:
+    """Score and held-out KD loss against what the search cost (FLOPs, log x), one line per method;
+    OMP (and random) cost nothing: horizontal lines."""
+    plt = _plt()
+    sparsities, tasks = sorted(cfg.budget_sparsities), cfg.budget_tasks
+    if not any(r["axis"] == "search_budget" and r["split"] == split for r in rows):
+        return None
+    fig, axes = plt.subplots(len(sparsities), len(tasks) + 1, figsize=(4.6 * (len(tasks) + 1), 4.0 * len(sparsities)),
+                             squeeze=False, layout="constrained")
+    searched = [m for m in cfg.methods if m in TAMT_METHODS or m == "imp"]
+    for i, s in enumerate(sparsities):
+        for j, task in enumerate([*tasks, None]):
+            ax = axes[i][j]
+            mine = _point_rows(rows, split, task or tasks[0], s, ("main", "search_budget"))
+            value = "mean" if task else "kd_loss"
+            for method in searched:
+                pts = sorted((r["search_flops"], r[value], r["std"] if task else 0.0, r["search_steps"])
+                             for r in mine if r["method"] == method and r["search_flops"] and r[value] is not None)
+                if not pts:
+                    continue
+                x, y, e, steps = zip(*pts)
+                ax.errorbar(x, y, yerr=e if task else None, label=method, color=COLORS.get(method),
+                            marker=MARKERS.get(method, "o"), capsize=3, linewidth=1.6)
+                for xi, yi, n in zip(x, y, steps):
+                    ax.annotate(f"{n}", (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=7,
+                                color=COLORS.get(method))
+            for method in ("omp", "random", DENSE):
+                r = next((r for r in mine if r["method"] == method and r[value] is not None), None)
+                if r is not None and (task or method != DENSE):
+                    ax.axhline(r[value], color=COLORS[method], linestyle="--" if method == DENSE else ":",
+                               linewidth=1.2, label=f"{method} (no search)" if method != DENSE else "dense")
+            ax.set_xscale("log")
+            ax.set_xlabel("search cost: forward-backward FLOPs (log; labels: search steps)", fontsize=8)
+            ax.set_ylabel(_metric_label(rows, split) if task else "held-out KD loss (1 − cos, mean over layers)",
+                          fontsize=8)
+            ax.set_title(f"sparsity {s:g}: {task}" if task else f"sparsity {s:g}: held-out KD loss")
+            ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7, loc="best")
+    suptitle(fig, f"Search efficiency ({cfg.model_name_or_path}): TAMT masks taken along one search, IMP at "
+                  f"several prune intervals; mean ± std over fine-tuning seeds x mask seeds")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _per_seed(row: dict, n_seeds: int) -> np.ndarray:
+    """A row's values as one number per fine-tuning seed (mean over mask seeds): values are
+    listed mask seed by mask seed, each with every fine-tuning seed in order."""
+    return np.asarray(row["values"], float).reshape(-1, n_seeds).mean(axis=0)
+
+
+def data_scarcity(cfg: StudyConfig, rows: list[dict], split: str, path: str) -> str | None:
+    """Score against the number of train examples, one line per method; and TAMT minus OMP / IMP
+    against it, paired by fine-tuning seed (the same subset for both), mean ± std over seeds."""
+    from tamt_ds.study.runner import train_size
+
+    plt = _plt()
+    sparsities, tasks, sizes = sorted(cfg.data_sparsities), cfg.data_tasks, sorted(cfg.train_examples.sizes)
+    if not sizes or not any(r["axis"] == "train_examples" and r["split"] == split for r in rows):
+        return None
+    n_seeds = len(cfg.finetune.seeds)
+    fig, axes = plt.subplots(len(sparsities), 2 * len(tasks), figsize=(4.6 * 2 * len(tasks), 4.0 * len(sparsities)),
+                             squeeze=False, layout="constrained")
+    for i, s in enumerate(sparsities):
+        for j, task in enumerate(tasks):
+            full = train_size(cfg, task) or 2 * sizes[-1]
+            where = {None: full, **{n: n for n in sizes}}
+            mine = [r for r in _point_rows(rows, split, task, s, ("main", "train_examples"))
+                    if r["method"] in cfg.data_methods]
+            score, diff = axes[i][2 * j], axes[i][2 * j + 1]
+            by = {}
+            for r in mine:
+                by.setdefault(r["method"], {})[r["train_examples"]] = r
+            for method, at in by.items():
+                pts = sorted((where[n], r["mean"], r["std"]) for n, r in at.items() if n in where)
+                x, y, e = zip(*pts)
+                score.errorbar(x, y, yerr=e, label=method, color=COLORS.get(method), marker=MARKERS.get(method, "o"),
+                               capsize=3, linewidth=1.6, linestyle="--" if method == DENSE else "-")
+            for tamt in [m for m in by if m in TAMT_METHODS]:
+                for base, style in (("omp", "-"), ("imp", "--")):
+                    if base not in by:
+                        continue
+                    pts = sorted((where[n], *(lambda d: (d.mean(), d.std(ddof=1) if n_seeds > 1 else 0.0))(
+                        _per_seed(by[tamt][n], n_seeds) - _per_seed(by[base][n], n_seeds)))
+                        for n in by[tamt] if n in by[base] and n in where)
+                    if pts:
+                        x, y, e = zip(*pts)
+                        diff.errorbar(x, y, yerr=e, label=f"{tamt} − {base}", color=COLORS.get(base), linestyle=style,
+                                      marker=MARKERS.get(tamt, "o"), capsize=3, linewidth=1.6)
+            diff.axhline(0.0, color="black", linewidth=0.8)
+            ticks = [*sizes, full]
+            for ax in (score, diff):
+                ax.set_xscale("log")
+                ax.set_xticks(ticks, [*map(str, sizes), f"all ({full})" if train_size(cfg, task) else "all"], fontsize=7)
+                ax.minorticks_off()
+                ax.set_xlabel("fine-tuning train examples N (log)", fontsize=8)
+                ax.grid(alpha=0.3)
+            score.set_ylabel(_metric_label(rows, split), fontsize=8)
+            diff.set_ylabel("difference in points (same subset, per fine-tuning seed)", fontsize=8)
+            score.set_title(f"sparsity {s:g}: {task}")
+            diff.set_title(f"sparsity {s:g}: {task}, TAMT minus baseline")
+            score.legend(fontsize=7, loc="best")
+            diff.legend(fontsize=7, loc="best")
+    suptitle(fig, f"Data scarcity ({cfg.model_name_or_path}): every mask fine-tuned on the same seeded subsets of N "
+                  f"train examples; error bars = std over {n_seeds} fine-tuning seed(s)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_axes(cfg: StudyConfig, rows: list[dict], split: str) -> list[str]:
+    written = [search_efficiency(cfg, rows, split, os.path.join(cfg.out, "fig_search_efficiency.png")),
+               data_scarcity(cfg, rows, split, os.path.join(cfg.out, "fig_data_scarcity.png"))]
     return [w for w in written if w]

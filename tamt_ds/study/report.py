@@ -3,7 +3,10 @@
 study.json is a list of rows, one per (method, sparsity, task, metric):
     method, sparsity, task, metric, split (dev | test), mean, std, n, values (every
     mask seed x fine-tuning seed), kd_loss, mlm_loss, mlm_accuracy (means over mask
-    seeds; None where not measured), mask_seeds, measured_sparsity.
+    seeds; None where not measured), mask_seeds, measured_sparsity,
+    axis (main | search_budget | train_examples), search_steps, search_tokens, search_flops,
+    search_device_seconds (what finding the mask cost: means over mask seeds; 0 for OMP and random,
+    None for the dense model), train_examples (N of the train-examples axis; None: the whole set).
 The task "average" is the mean over tasks of the main metric, per run.  The score of a
 run is its best dev evaluation (all its metrics from that evaluation, as the paper
 reports; with evaluation at the end only, the final one); test_* metrics are those of
@@ -19,8 +22,8 @@ import time
 
 import numpy as np
 
-from tamt_ds.study.config import DENSE, MaskCell, StudyConfig, mask_cells
-from tamt_ds.study.runner import eval_path, finetune_results, read_json
+from tamt_ds.study.config import DENSE, TAMT_METHODS, MaskCell, StudyConfig, budget_cells, data_cells, mask_cells
+from tamt_ds.study.runner import eval_path, finetune_results, mask_path, read_json
 
 AVERAGE = "average"
 
@@ -30,12 +33,35 @@ def _stat(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
+def search_cost(cfg: StudyConfig, cell: MaskCell) -> dict | None:
+    """What the cell's mask cost to find (the cost.json its search or IMP level wrote)."""
+    from tamt_ds.search_cost import read_cost
+
+    if cell.method == DENSE:
+        return None
+    if cell.method in ("omp", "random"):  # a sort of the weights or of noise: no training
+        return {"search_steps": 0, "search_tokens": 0, "search_flops": 0.0, "search_device_seconds": 0.0}
+    return read_cost(os.path.dirname(mask_path(cfg, cell)))
+
+
 def collect(cfg: StudyConfig) -> list[dict]:
-    """One entry per mask cell with whatever results exist."""
-    out = []
-    for cell in mask_cells(cfg):
-        out.append({"cell": cell, "eval": read_json(eval_path(cfg, cell)), "tasks": finetune_results(cfg, cell)})
-    return out
+    """One entry per mask cell (and per train-examples subset) with whatever results exist."""
+    def entry(cell, axis, tasks, n=None):
+        return {"cell": cell, "axis": axis, "task_names": tasks, "train_examples": n, "cost": search_cost(cfg, cell),
+                "eval": read_json(eval_path(cfg, cell)), "tasks": finetune_results(cfg, cell, n)}
+
+    return [*(entry(cell, "main", cfg.finetune.tasks) for cell in mask_cells(cfg)),
+            *(entry(cell, "search_budget", cfg.budget_tasks) for cell in budget_cells(cfg)),
+            *(entry(cell, "train_examples", cfg.data_tasks, n) for cell, n in data_cells(cfg))]
+
+
+COST_KEYS = ("search_steps", "search_tokens", "search_flops", "search_device_seconds")
+
+
+def _mean_count(values) -> float | int:
+    """The mean, as an int where it is whole (steps and tokens of one mask seed, or of equal ones)."""
+    mean = statistics.fmean(values)
+    return int(mean) if float(mean).is_integer() else mean
 
 
 def metric_names(result: dict) -> list[tuple[str, str]]:
@@ -48,12 +74,15 @@ def metric_names(result: dict) -> list[tuple[str, str]]:
 
 
 def build_rows(cfg: StudyConfig, collected: list[dict]) -> list[dict]:
-    groups: dict[tuple[str, float], list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for entry in collected:
-        groups.setdefault((entry["cell"].method, entry["cell"].sparsity), []).append(entry)
+        cell = entry["cell"]
+        groups.setdefault((entry["axis"], cell.method, cell.sparsity, cell.budget, entry["train_examples"]), []).append(entry)
     rows = []
-    for (method, sparsity), entries in groups.items():
+    for (axis, method, sparsity, _, n), entries in groups.items():
         evals = [e["eval"] for e in entries if e["eval"]]
+        costs = [e["cost"] for e in entries if e["cost"]]
+        task_names = entries[0]["task_names"]
 
         def mean_of(key):
             vals = [e[key] for e in evals if e.get(key) is not None]
@@ -62,9 +91,12 @@ def build_rows(cfg: StudyConfig, collected: list[dict]) -> list[dict]:
         common = {"method": method, "sparsity": sparsity, "kd_loss": mean_of("kd_loss"),
                   "mlm_loss": mean_of("mlm_loss"), "mlm_accuracy": mean_of("mlm_accuracy"),
                   "measured_sparsity": mean_of("sparsity"),
-                  "mask_seeds": [e["cell"].seed for e in entries if e["cell"].seed is not None]}
+                  "mask_seeds": [e["cell"].seed for e in entries if e["cell"].seed is not None],
+                  "axis": axis, "train_examples": n,
+                  **{k: (_mean_count(c[k] for c in costs) if len(costs) == len(entries) else None)
+                     for k in COST_KEYS}}
         per_split: dict[str, list[list[float]]] = {}  # split -> per task, the per-run main-metric values
-        for task in cfg.finetune.tasks:
+        for task in task_names:
             results = [e["tasks"].get(task) for e in entries]
             if not all(r and r.get("complete") for r in results):
                 continue  # a task is reported for a method once every mask seed has it
@@ -73,7 +105,7 @@ def build_rows(cfg: StudyConfig, collected: list[dict]) -> list[dict]:
                 rows.append({**common, "task": task, "metric": metric, "split": split, **_stat(values)})
                 per_split.setdefault(split, []).append(values)
         for split, per_task in per_split.items():
-            if len(per_task) == len(cfg.finetune.tasks) and len({len(v) for v in per_task}) == 1:
+            if len(per_task) == len(task_names) and len({len(v) for v in per_task}) == 1:
                 runs = [statistics.fmean(vals) for vals in zip(*per_task)]
                 rows.append({**common, "task": AVERAGE, "metric": f"mean of main metrics ({split})", "split": split,
                              **_stat(runs)})
@@ -119,7 +151,7 @@ def mask_points(cfg: StudyConfig, collected: list[dict], split: str) -> list[dic
     points = []
     for entry in collected:
         cell: MaskCell = entry["cell"]
-        if cell.method == DENSE or not entry["eval"]:
+        if cell.method == DENSE or not entry["eval"] or entry["axis"] != "main":
             continue
         per_task = []
         for task in cfg.finetune.tasks:
@@ -157,7 +189,7 @@ def _fmt(x, digits=2):
 
 
 def markdown(cfg: StudyConfig, rows: list[dict], corr: list[dict], figures: list[str], split: str,
-             timings: list[dict]) -> str:
+             timings: list[dict], all_rows: list[dict] = ()) -> str:
     ft = cfg.finetune
     lines = [f"# Study `{cfg.name}`: {cfg.model_name_or_path}", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `launchers/study.py --config "
@@ -191,6 +223,7 @@ def markdown(cfg: StudyConfig, rows: list[dict], corr: list[dict], figures: list
                      f"[{_fmt(c['low'])}, {_fmt(c['high'])}] |")
     if not have_mlm:
         lines += ["", "MLM loss: not measured (the model has no pre-trained MLM head)."]
+    lines += axes_markdown(cfg, all_rows, split)
     if timings:
         stages = list(dict.fromkeys(t["stage"] for t in timings))
         wall = {s: sum(t["seconds"] for t in timings if t["stage"] == s and t["job"] == "(stage)") for s in stages}
@@ -202,21 +235,58 @@ def markdown(cfg: StudyConfig, rows: list[dict], corr: list[dict], figures: list
     return "\n".join(lines)
 
 
+def _fmt_flops(x) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def axes_markdown(cfg: StudyConfig, rows: list[dict], split: str) -> list[str]:
+    """The two axes' tables: each point's cost or train-set size, KD loss and score per task."""
+    lines = []
+    budget = sorted((r for r in rows if r["split"] == split and r["task"] != AVERAGE and r["method"] != DENSE
+                     and r["sparsity"] in cfg.budget_sparsities and r["task"] in cfg.budget_tasks
+                     and (r["axis"] == "search_budget" or (r["axis"] == "main" and (cfg.search_budget.snapshot_steps
+                                                                                   or cfg.search_budget.imp_prune_intervals)))),
+                    key=lambda r: (r["sparsity"], r["task"], r["method"], r["search_flops"] or 0))
+    if budget:
+        lines += ["", f"Search budget ({split} score; cost = the search's tokens, forward-backward FLOPs, "
+                      f"device-seconds of its training steps):", "",
+                  "| method | sparsity | task | search steps | tokens | FLOPs | device-s | KD loss | score |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in budget:
+            lines.append(f"| {r['method']} | {r['sparsity']:g} | {r['task']} | {r['search_steps']} | "
+                         f"{r['search_tokens']} | {_fmt_flops(r['search_flops'])} | "
+                         f"{_fmt(r['search_device_seconds'], 0)} | {_fmt(r['kd_loss'], 4)} | "
+                         f"{r['mean']:.2f} ± {r['std']:.2f} |")
+    data = sorted((r for r in rows if r["split"] == split and r["task"] in cfg.data_tasks and cfg.train_examples.sizes
+                   and r["method"] in cfg.data_methods and (r["method"] == DENSE or r["sparsity"] in cfg.data_sparsities)
+                   and r["axis"] in ("main", "train_examples")),
+                  key=lambda r: (r["sparsity"], r["task"], r["method"], r["train_examples"] or float("inf")))
+    if data:
+        lines += ["", f"Train examples ({split} score, mean ± std over fine-tuning seeds x mask seeds; "
+                      f"N = all: the main study):", "", "| method | sparsity | task | N | score |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['method']} | {r['sparsity']:g} | {r['task']} | {r['train_examples'] or 'all'} | "
+                  f"{r['mean']:.2f} ± {r['std']:.2f} |" for r in data]
+    return lines
+
+
 def write_report(cfg: StudyConfig) -> dict:
     from tamt_ds.checkpoint import atomic_write_text
     from tamt_ds.study import figures as figs
 
     collected = collect(cfg)
-    rows = build_rows(cfg, collected)
+    all_rows = build_rows(cfg, collected)
+    rows = [r for r in all_rows if r["axis"] == "main"]
     split = report_metric(cfg, rows)
     points = mask_points(cfg, collected, split)
     corr = correlations(cfg, points)
-    written = figs.draw_all(cfg, collected, rows, points, corr, split)
+    main = [e for e in collected if e["axis"] == "main"]
+    written = figs.draw_all(cfg, main, rows, points, corr, split) + figs.draw_axes(cfg, all_rows, split)
     timings = read_json(os.path.join(cfg.out, "timings.json")) or []
-    atomic_write_text(os.path.join(cfg.out, "study.json"), json.dumps(rows, indent=1) + "\n")
+    atomic_write_text(os.path.join(cfg.out, "study.json"), json.dumps(all_rows, indent=1) + "\n")
     atomic_write_text(os.path.join(cfg.out, "correlations.json"), json.dumps(corr, indent=1) + "\n")
-    md = markdown(cfg, rows, corr, [os.path.basename(f) for f in written], split, timings)
+    md = markdown(cfg, rows, corr, [os.path.basename(f) for f in written], split, timings, all_rows)
     atomic_write_text(os.path.join(cfg.out, "study.md"), md)
     print(f"\n{md}\nwritten: {cfg.out}/study.json, study.md, correlations.json, "
           f"{', '.join(os.path.basename(f) for f in written)}", flush=True)
-    return {"rows": rows, "correlations": corr, "figures": written}
+    return {"rows": all_rows, "correlations": corr, "figures": written}

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 
 from tamt_ds.study import cost
-from tamt_ds.study.config import DENSE, REPO_ROOT, TAMT_METHODS, MaskCell, StudyConfig, StudyError, mask_cells
+from tamt_ds.study.config import DENSE, REPO_ROOT, TAMT_METHODS, MaskCell, StudyConfig, StudyError, budget_cells, \
+    data_cells, mask_cells
 
 
 @dataclass
@@ -49,8 +50,9 @@ def search_dir(cfg: StudyConfig, cell: MaskCell) -> str:
     return os.path.join(cfg.out, "masks", cell.id)
 
 
-def imp_dir(cfg: StudyConfig, seed: int) -> str:
-    return os.path.join(cfg.out, "masks", f"imp_m{seed}")
+def imp_dir(cfg: StudyConfig, seed: int, interval: int | None = None) -> str:
+    """An IMP run's folder: the study's, or the search-budget axis's at another prune interval."""
+    return os.path.join(cfg.out, "masks", f"imp_m{seed}" + (f"_every{interval}" if interval is not None else ""))
 
 
 def mask_path(cfg: StudyConfig, cell: MaskCell) -> str | None:
@@ -58,7 +60,12 @@ def mask_path(cfg: StudyConfig, cell: MaskCell) -> str | None:
     if cell.method == DENSE:
         return None
     if cell.method == "imp":
-        return os.path.join(imp_dir(cfg, cell.seed), f"{cell.sparsity:g}", "mask.pt")
+        return os.path.join(imp_dir(cfg, cell.seed, cell.budget), f"{cell.sparsity:g}", "mask.pt")
+    if cell.budget is not None:  # a TAMT snapshot: taken by the study's search of this cell
+        from tamt_ds.export import snapshot_dir
+
+        main = MaskCell(cell.method, cell.sparsity, cell.seed)
+        return os.path.join(snapshot_dir(search_dir(cfg, main), cell.budget), "mask.pt")
     return os.path.join(search_dir(cfg, cell), "mask.pt")  # TAMT: the search's; OMP / random: written by evaluate
 
 
@@ -66,11 +73,12 @@ def eval_path(cfg: StudyConfig, cell: MaskCell) -> str:
     return os.path.join(cfg.out, "eval", f"{cell.id}.json")
 
 
-def finetune_dir(cfg: StudyConfig, cell: MaskCell, task: str | None = None) -> str:
-    """The mask's fine-tuning folder, or one task's (a harness task: its folder is the harness's slug)."""
+def finetune_dir(cfg: StudyConfig, cell: MaskCell, task: str | None = None, n: int | None = None) -> str:
+    """The mask's fine-tuning folder, or one task's (a harness task: its folder is the harness's slug);
+    `n`: on a subset of n train examples (the train-examples axis), in the subfolder n<N>."""
     from tamt_ds.downstream.arguments import slug
 
-    root = os.path.join(cfg.out, "finetune", cell.id)
+    root = os.path.join(cfg.out, "finetune", cell.id, *([f"n{n}"] if n is not None else []))
     return root if task is None else os.path.join(root, slug(task))
 
 
@@ -104,6 +112,15 @@ def task_ids(cfg: StudyConfig) -> dict[str, str]:
     return out
 
 
+def train_size(cfg: StudyConfig, name: str) -> int | None:
+    """Examples in a study task's whole train split (local tasks; None for a hub task)."""
+    task = task_ids(cfg)[name]
+    if not task.startswith("local:"):
+        return None
+    with open(os.path.join(task[len("local:"):], "train.tsv"), encoding="utf-8") as f:
+        return sum(1 for _ in f) - 1
+
+
 def read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
@@ -112,10 +129,10 @@ def read_json(path: str):
         return None
 
 
-def finetune_results(cfg: StudyConfig, cell: MaskCell) -> dict[str, dict | None]:
-    """Study task name -> the harness's results.json for this mask (None when absent)."""
+def finetune_results(cfg: StudyConfig, cell: MaskCell, n: int | None = None) -> dict[str, dict | None]:
+    """Study task name -> the harness's results.json for this mask (None when absent); `n`: on n train examples."""
     found = {}
-    root = finetune_dir(cfg, cell)
+    root = finetune_dir(cfg, cell, n=n)
     if os.path.isdir(root):
         for sub in sorted(os.listdir(root)):
             r = read_json(os.path.join(root, sub, "results.json"))
@@ -196,9 +213,9 @@ def _finetune_steps(args: dict, task: str, nproc: int) -> int:
     return int(float(args.get("num_train_epochs", 3.0)) * -(-n // batch))
 
 
-def _finetune_cpu_s(cfg: StudyConfig, name: str, task: str) -> float:
-    """Estimated CPU seconds of one mask's fine-tuning on one task, every seed."""
-    b, args = cfg.budget, cfg.finetune.args_for(name)
+def _finetune_cpu_s(cfg: StudyConfig, name: str, task: str, n: int | None = None) -> float:
+    """Estimated CPU seconds of one mask's fine-tuning on one task (on n train examples), every seed."""
+    b, args = cfg.budget, {**cfg.finetune.args_for(name), **({"train_subset": n} if n is not None else {})}
     step_s = b.finetune_step_cpu_s + b.finetune_example_cpu_s * int(args.get("per_device_train_batch_size", 32))
     seeds = len(cfg.finetune.seeds)
     return b.process_start_cpu_s + seeds * (_finetune_steps(args, task, finetune_nproc(cfg)) * step_s
@@ -222,14 +239,18 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
         counts["done"] += n if done else 0
         return done
 
-    # masks: TAMT searches, IMP runs (one per mask seed, all levels)
+    # masks: TAMT searches (with the search-budget axis's snapshots), IMP runs (one per mask seed
+    # and prune interval, all levels)
+    snapshots = budget_cells(cfg)
     for cell in cells:
         if cell.method not in TAMT_METHODS:
             continue
         args = cfg.search_args(cell.sparsity, cell.method)
         # finished or started (a resumed search would go on with the new arguments from the old state)
         check_run_unchanged(cfg, search_dir(cfg, cell), args)
-        if not count(os.path.isfile(mask_path(cfg, cell))):
+        mine = [cell] + [c for c in snapshots if (c.method, c.sparsity, c.seed) == (cell.method, cell.sparsity, cell.seed)]
+        done = [count(os.path.isfile(mask_path(cfg, c))) for c in mine]
+        if not all(done):
             objective = TAMT_METHODS[cell.method]
             steps = int(args.get("max_steps", 120))
             step_s = b.search_step_cpu_s if objective == "kd" else b.search_mlm_step_cpu_s
@@ -237,32 +258,19 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                             common_args(cfg) + ["--objective", objective, "--sparsity", f"{cell.sparsity:g}",
                                                 "--seed", str(cell.seed), "--output_dir", search_dir(cfg, cell),
                                                 "--resume", "True"] + cli(args),
-                            b.process_start_cpu_s + steps * step_s, 1, [mask_path(cfg, cell)], cfg.nproc,
-                            hours.search(objective, args, steps)))
+                            b.process_start_cpu_s + steps * step_s, sum(not d for d in done), [mask_path(cfg, cell)],
+                            cfg.nproc, hours.search(objective, args, steps)))
     if "imp" in cfg.methods:
-        levels = cfg.imp_levels
-        interval = int(cfg.imp.get("prune_interval", 20))
         for seed in cfg.mask_seeds:
-            wanted = [MaskCell("imp", s, seed) for s in cfg.sparsities]
-            done = [os.path.isfile(mask_path(cfg, c)) for c in wanted]
-            check_run_unchanged(cfg, imp_dir(cfg, seed), cfg.imp)
-            for d in done:
-                count(d)
-            if not all(done):
-                left = sum(not os.path.isfile(os.path.join(imp_dir(cfg, seed), f"{lv:g}", "mask.pt")) for lv in levels)
-                jobs.append(Job("masks", f"imp m{seed} (levels {levels[0]:g}..{levels[-1]:g})", "launchers/imp.py",
-                                common_args(cfg) + ["--max_sparsity", f"{levels[-1]:g}", "--seed", str(seed),
-                                                    "--output_dir", imp_dir(cfg, seed), "--resume", "True"]
-                                + cli(cfg.imp),
-                                b.process_start_cpu_s + left * (interval * b.imp_step_cpu_s + b.imp_round_cpu_s),
-                                sum(not d for d in done), [os.path.dirname(mask_path(cfg, c)) for c in wanted],
-                                cfg.nproc, hours.search("imp", cfg.imp, left * interval)))
+            jobs += imp_job(cfg, seed, None, cfg.sparsities, count, hours)
+            for interval in sorted(cfg.search_budget.imp_prune_intervals):
+                jobs += imp_job(cfg, seed, interval, cfg.budget_sparsities, count, hours)
 
     # evaluate: every mask's pre-training losses; OMP / random masks saved as files for fine-tuning.
     # --mask_seed is one value per process: random masks of different seeds go to different jobs,
     # the other masks ride with the first.
     pending = []
-    for cell in cells:
+    for cell in cells + [c for c in snapshots if c.method in ("imp", *TAMT_METHODS)]:
         file_missing = cell.method in ("omp", "random") and not os.path.isfile(mask_path(cfg, cell))
         if not count(os.path.isfile(eval_path(cfg, cell)) and not file_missing):
             pending.append(cell)
@@ -293,27 +301,54 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
 
     # finetune: one job per mask and task (all seeds), so that each task keeps its own protocol;
     # the longest first, so that the stage ends with short jobs side by side, not one long one alone
+    # (the search-budget axis's masks on its tasks, the train-examples axis's on subsets)
     finetune, tasks = [], task_ids(cfg)
-    for cell in cells:
-        results = finetune_results(cfg, cell)
-        for name, task in tasks.items():
-            out = finetune_dir(cfg, cell, task)
+    wanted = [(cell, None, cfg.finetune.tasks) for cell in cells] + [(c, None, cfg.budget_tasks) for c in snapshots] \
+        + [(cell, n, cfg.data_tasks) for cell, n in data_cells(cfg)]
+    for cell, n, names in wanted:
+        results = finetune_results(cfg, cell, n)
+        for name in names:
+            task, out = tasks[name], finetune_dir(cfg, cell, tasks[name], n)
+            args = {**cfg.finetune.args_for(name), **({"train_subset": n} if n is not None else {})}
             if task_complete(cfg, results[name]):  # an unfinished task is redone whole, with the new arguments
-                check_unchanged(out, results[name].get("args"),
-                                {"model_name_or_path": cfg.model_name_or_path, **cfg.finetune.args_for(name)},
+                check_unchanged(out, results[name].get("args"), {"model_name_or_path": cfg.model_name_or_path, **args},
                                 ignore=("logging_steps", "dist_timeout"))  # eval_steps: the best dev evaluation
             if count(task_complete(cfg, results[name])):
                 continue
-            finetune.append(Job("finetune", f"finetune {cell.id} on {name}", "launchers/finetune.py",
+            finetune.append(Job("finetune", f"finetune {cell.id} on {name}" + (f" ({n} examples)" if n else ""),
+                                "launchers/finetune.py",
                                 common_args(cfg) + ["--mask", mask_path(cfg, cell) or "none", "--task", task,
                                                     "--seeds", ",".join(map(str, cfg.finetune.seeds)),
                                                     "--output_dir", out]
                                 + (["--overwrite_output_dir", "True"] if results[name] is not None else [])
-                                + cli(cfg.finetune.args_for(name)),
-                                _finetune_cpu_s(cfg, name, task), 1, [out], finetune_nproc(cfg),
-                                hours.finetune(task, cfg.finetune.args_for(name))))
+                                + cli(args),
+                                _finetune_cpu_s(cfg, name, task, n), 1, [out], finetune_nproc(cfg),
+                                hours.finetune(task, args)))
     jobs += sorted(finetune, key=lambda job: -job.cpu_s)
     return jobs, counts
+
+
+def imp_job(cfg: StudyConfig, seed: int, interval: int | None, sparsities: list[float], count,
+            hours: cost.StudyGpuHours) -> list[Job]:
+    """The IMP run of a mask seed at the study's prune interval (None) or another, if a mask it
+    makes at `sparsities` is missing (every level up to the highest one)."""
+    b, folder = cfg.budget, imp_dir(cfg, seed, interval)
+    levels = cfg.imp_levels(max(sparsities))
+    args = {**cfg.imp, **({"prune_interval": interval} if interval is not None else {})}
+    wanted = [MaskCell("imp", s, seed, interval) for s in sparsities]
+    check_run_unchanged(cfg, folder, args)
+    done = [count(os.path.isfile(mask_path(cfg, c))) for c in wanted]
+    if all(done):
+        return []
+    left = sum(not os.path.isfile(os.path.join(folder, f"{lv:g}", "mask.pt")) for lv in levels)
+    steps = int(args.get("prune_interval", 20))
+    return [Job("masks", f"imp m{seed}" + (f" every {interval} steps" if interval is not None else "")
+                + f" (levels {levels[0]:g}..{levels[-1]:g})", "launchers/imp.py",
+                common_args(cfg) + ["--max_sparsity", f"{levels[-1]:g}", "--seed", str(seed), "--output_dir", folder,
+                                    "--resume", "True"] + cli(args),
+                b.process_start_cpu_s + left * (steps * b.imp_step_cpu_s + b.imp_round_cpu_s),
+                sum(not d for d in done), [os.path.dirname(mask_path(cfg, c)) for c in wanted],
+                cfg.nproc, hours.search("imp", args, left * steps))]
 
 
 def stage_minutes(cfg: StudyConfig, jobs: list[Job]) -> float:
