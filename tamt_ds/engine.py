@@ -16,14 +16,27 @@ class EngineError(InputError):
     pass
 
 
+def default_config() -> tuple[str, str]:
+    """The config for the machine at hand, and why: bf16 wherever the device computes it
+    natively (it halves the bytes moved and, on such CPUs, multiplies matmul throughput), fp16
+    on GPUs without native bf16, fp32 on CPUs without bf16 instructions (emulated bf16 is
+    slower than fp32 there).  Every launcher's default goes through here (load_ds_config)."""
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda", torch.cuda.current_device())
+        native = bf16_support(gpu)
+        if native:
+            return str(CONFIG_DIR / "zero3_bf16.json"), f"native: {native}"
+        major, minor = torch.cuda.get_device_capability(gpu)
+        return str(CONFIG_DIR / "zero3_fp16.json"), f"no native bf16 below compute capability 8.0 (this GPU: {major}.{minor})"
+    native = bf16_support(torch.device("cpu"))
+    if native:
+        return str(CONFIG_DIR / "zero3_cpu_bf16.json"), f"native: {native}"
+    return str(CONFIG_DIR / "zero3_cpu.json"), "no native bf16 on this CPU (no AVX512-BF16 / AMX-BF16 / Arm BF16 for oneDNN)"
+
+
 def default_config_path() -> str:
     """A config that works on the machine at hand."""
-    if torch.cuda.is_available():
-        name = "zero3_bf16.json" if native_bf16(torch.device("cuda", torch.cuda.current_device())) else "zero3_fp16.json"
-    else:
-        # fp32 even where native_bf16 says yes: whether bf16 becomes the CPU default is open (issue 16).
-        name = "zero3_cpu.json"
-    return str(CONFIG_DIR / name)
+    return default_config()[0]
 
 
 # CPU instructions that compute in bf16 (torch.cpu.get_capabilities() names, from cpuinfo):
@@ -31,8 +44,9 @@ def default_config_path() -> str:
 _CPU_BF16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
 
 
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether `device` computes in bf16 in hardware, not by emulation (emulated bf16 is slower than fp32).
+def bf16_support(device: torch.device | str) -> str | None:
+    """Why `device` computes in bf16 in hardware, not by emulation (emulated bf16 is slower than
+    fp32), e.g. "CPU avx512_bf16 via oneDNN"; None where it does not.
 
     CUDA: compute capability 8.0 or above (Ampere on); torch.cuda.is_bf16_supported() also
     counts emulation, which V100 and T4 offer.  CPU: oneDNN runs bf16 kernels, and the CPU has
@@ -40,12 +54,20 @@ def native_bf16(device: torch.device | str) -> bool:
     accepts plain AVX512 cores, which emulate it)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
+        capability = torch.cuda.get_device_capability(device)
+        return f"CUDA compute capability {capability[0]}.{capability[1]}" if capability >= (8, 0) else None
     if device.type == "cpu":
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return None
         capabilities = torch.cpu.get_capabilities()
-        return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                and any(capabilities.get(name, False) for name in _CPU_BF16_INSTRUCTIONS))
-    return False
+        found = [name for name in _CPU_BF16_INSTRUCTIONS if capabilities.get(name, False)]
+        return f"CPU {' + '.join(found)} via oneDNN" if found else None
+    return None
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` computes in bf16 in hardware (bf16_support says why)."""
+    return bf16_support(device) is not None
 
 
 def load_ds_config(path: str | None, *, micro_batch: int, grad_accum: int, grad_clip: float,
@@ -53,7 +75,9 @@ def load_ds_config(path: str | None, *, micro_batch: int, grad_accum: int, grad_
     """Read a DeepSpeed JSON config and fill its "auto" values from the arguments.
     `check_this_device=False`: the config is for other machines (a plan or pre-flight of a GPU
     job made on a login node), so this machine's fp16 support does not count."""
-    path = path or default_config_path()
+    why = None
+    if not path:
+        path, why = default_config()
     if not os.path.isfile(path):
         raise EngineError(f"DeepSpeed config {path!r} not found: pass --deepspeed with one of "
                           f"{sorted(p.name for p in CONFIG_DIR.glob('*.json'))} in {CONFIG_DIR}")
@@ -75,6 +99,8 @@ def load_ds_config(path: str | None, *, micro_batch: int, grad_accum: int, grad_
         raise EngineError(f"{path} asks for fp16, which this device does not support: pass --deepspeed "
                           f"{CONFIG_DIR / 'zero3_bf16.json'} (bf16) or {CONFIG_DIR / 'zero3_cpu.json'} (fp32)")
     cfg["_source"] = os.path.abspath(path)
+    cfg["_precision"] = {"dtype": str(precision(cfg)).removeprefix("torch."),
+                         "why": f"{why}; the default here" if why else f"--deepspeed {path}"}
     return cfg
 
 
@@ -90,6 +116,12 @@ def precision(cfg: dict) -> torch.dtype:
     if cfg.get("fp16", {}).get("enabled"):
         return torch.float16
     return torch.float32
+
+
+def precision_line(cfg: dict) -> str:
+    """Which precision a run trains in and why, for its start-up line (run_config.json keeps
+    the same as cfg["_precision"]), e.g. "precision bfloat16 (native: CPU avx512_bf16 via oneDNN; the default here)"."""
+    return f"precision {cfg['_precision']['dtype']} ({cfg['_precision']['why']})"
 
 
 DEFAULT_DIST_TIMEOUT_S = 600  # torch's NCCL default; longer than any rank-0-only stretch (export, checkpoint)

@@ -216,6 +216,8 @@ def evaluate_masks(args: EvaluateMaskArguments) -> list[dict]:
                                          world_size=world, seed=args.seed, mlm=True) if with_head else None
     if not clean:
         raise EvaluateMaskError("no held-out blocks: pass --eval_files with text, or a larger --eval_blocks")
+    if rank == 0:
+        print(f"evaluate_mask | world size {world} | {eng.precision_line(ds_config)}", flush=True)
     teachers = [teacher_hidden_states(engine, masks, to_device(b, device)) for b in clean]  # the dense model, once
 
     results = []

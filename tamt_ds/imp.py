@@ -294,11 +294,12 @@ def imp(args: IMPArguments, data: CorpusArguments) -> dict:
         loader.load_state_dict(read_data_positions(last))  # re-dealt if the world size changed
         meter.device_seconds = (read_cost(last) or {}).get("search_device_seconds", 0.0)
     start_output_dir(args, all_levels, {"imp": dataclasses.asdict(args), "data": dataclasses.asdict(data),
-                                        "deepspeed": ds_config, "world_size": world, "levels": all_levels})
+                                        "deepspeed": ds_config, "precision": ds_config["_precision"],
+                                        "world_size": world, "levels": all_levels})
     monitor = Monitor(args.output_dir, total_steps=len(all_levels) * args.prune_interval,
                       start_step=done * args.prune_interval, desc="imp")
     monitor.write(f"IMP (MLM) | levels {all_levels[0]:g} .. {all_levels[-1]:g} | {args.prune_interval} steps per round"
-                  f" | world size {world} | {eng.precision(ds_config)} | ZeRO stage "
+                  f" | world size {world} | {eng.precision_line(ds_config)} | ZeRO stage "
                   f"{ds_config.get('zero_optimization', {}).get('stage', 0)}"
                   + (f" | resuming after level {all_levels[done - 1]:g}" if done else ""))
     batches = iter(loader)

@@ -121,7 +121,8 @@ def validate(args: SearchArguments, data: CorpusArguments) -> None:
 def run_config(args: SearchArguments, data: CorpusArguments, ds_config: dict, model: dict,
                random_weights: dict | None = None) -> dict:
     return {"search": dataclasses.asdict(args), "data": dataclasses.asdict(data), "deepspeed": ds_config,
-            "world_size": sharding.world_size(), "model": model, "random_weights": random_weights}
+            "precision": ds_config["_precision"], "world_size": sharding.world_size(), "model": model,
+            "random_weights": random_weights}
 
 
 def check_output_dir(args: SearchArguments) -> None:
@@ -223,7 +224,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
 
     monitor = Monitor(args.output_dir, total_steps=args.max_steps, start_step=step)
     monitor.write(f"TAMT-{args.objective} | sparsity {args.sparsity} | {len(masks)} masked matrices | "
-                  f"world size {sharding.world_size()} | {eng.precision(ds_config)} | "
+                  f"world size {sharding.world_size()} | {eng.precision_line(ds_config)} | "
                   f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
     if resume_from is not None:
         monitor.write(f"resumed from {resume_from.tag} at step {step}, saved on {resume_from.world_size} rank(s)")

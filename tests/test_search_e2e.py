@@ -15,6 +15,7 @@ from tests.conftest import ROOT, free_port, kill_tree, torchrun
 LAUNCHER = ROOT / "launchers" / "search.py"
 RESUME_WORKER = ROOT / "tests" / "workers" / "resume_worker.py"
 CPU_CONFIG = ROOT / "ds_configs" / "zero3_cpu.json"  # stage3_param_persistence_threshold: 0
+BF16_CONFIG = ROOT / "ds_configs" / "zero3_cpu_bf16.json"  # the same in bf16: the default on a CPU with native bf16
 
 
 def common(model, out, *extra):
@@ -37,29 +38,34 @@ def deepspeed_run(tiny_bert, tmp_path_factory):
     return out, proc
 
 
+def bf16_args(model, out, *extra):
+    """A 2-rank bf16 search (scores and the MLM head train, from fp32 masters), checkpoints at 4 and 8."""
+    args = common(model, out, "--objective", "mlm_kd", "--max_steps", "8", "--save_steps", "4", "--logging_steps", "1",
+                  *extra)
+    args[args.index("--deepspeed") + 1] = str(BF16_CONFIG)
+    return args
+
+
 @pytest.fixture(scope="module")
-def bf16_run(tiny_bert, tmp_path_factory):
-    """torchrun, ZeRO-3 in bf16: frozen weights live in bf16 inside the engine."""
-    tmp = tmp_path_factory.mktemp("bf16")
-    cfg = json.loads((ROOT / "ds_configs" / "zero3_bf16.json").read_text())
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp / "ds.json").write_text(json.dumps(cfg))
-    args = common(tiny_bert, tmp / "run", "--max_steps", "4", "--save_steps", "4")
-    args[args.index("--deepspeed") + 1] = str(tmp / "ds.json")
-    torchrun(LAUNCHER, *args)
-    return tmp / "run", None
+def bf16_run(tiny_bert_dropout, tmp_path_factory):
+    """torchrun, ZeRO-3 in bf16: frozen weights live in bf16 inside the engine; dropout draws from the RNG."""
+    out = tmp_path_factory.mktemp("bf16") / "run"
+    torchrun(LAUNCHER, *bf16_args(tiny_bert_dropout, out))
+    return out, None
 
 
-@pytest.mark.parametrize("run", ["deepspeed_run", "bf16_run"])
-def test_output_contract(run, request, tiny_bert):
+@pytest.mark.parametrize("run, dtype", [("deepspeed_run", "float32"), ("bf16_run", "bfloat16")])
+def test_output_contract(run, dtype, request):
     from transformers import AutoModel
 
     out, _ = request.getfixturevalue(run)
     for name in ("mask.pt", "pruned_model", "metrics.jsonl", "run_config.json", "tensorboard", "checkpoints"):
         assert (out / name).exists(), name
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["precision"]["dtype"] == dtype and config["precision"]["why"].startswith("--deepspeed ")
     mask = torch.load(out / "mask.pt", weights_only=True)
     pruned = AutoModel.from_pretrained(out / "pruned_model")
-    original = AutoModel.from_pretrained(tiny_bert)
+    original = AutoModel.from_pretrained(config["search"]["model_name_or_path"])  # the fp32 checkpoint it loaded
     pstate, ostate = pruned.state_dict(), original.state_dict()
     assert len(mask) == 6 * 2 + 2  # 6 matrices x 2 layers + pooler + word embeddings
     for key, keep in mask.items():
@@ -212,6 +218,50 @@ def test_corrupt_latest_falls_back_and_another_model_is_refused(tiny_bert_dropou
     b = torch.load(run / "mask.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)  # steps 21-24 done again, exactly
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step20", "step24"]
+
+
+def _rewind(run: Path, to: Path, tag: str) -> Path:
+    """A copy of a finished run as it stood when it wrote checkpoint `tag` (later ones and the exports gone)."""
+    shutil.copytree(run, to)
+    for later in (to / "checkpoints").glob("step*"):
+        if int(later.name.removeprefix("step")) > int(tag.removeprefix("step")):
+            shutil.rmtree(later)
+    (to / "checkpoints" / "latest").write_text(tag)
+    (to / "mask.pt").unlink()
+    shutil.rmtree(to / "pruned_model")
+    return to
+
+
+def test_bf16_resume_exact_on_the_same_world_size_and_restored_on_another(bf16_run, tiny_bert_dropout, tmp_path):
+    """bf16 as fp32: resumed from its step-4 checkpoint on the same 2 ranks, the run logs the same
+    losses at steps 5-8 bit for bit and ends with the same mask; on 1 rank every fp32 master, Adam
+    moment and bf16 copy the forward uses is restored exactly, and the run ends at exact sparsity."""
+    full, _ = bf16_run
+    same = _rewind(full, tmp_path / "same", "step4")
+    other = _rewind(full, tmp_path / "other", "step4")
+    logged = len((same / "metrics.jsonl").read_text().splitlines())
+    proc = torchrun(LAUNCHER, *bf16_args(tiny_bert_dropout, same, "--resume"))
+    assert "resumed from step4 at step 4, saved on 2 rank(s)" in proc.stdout + proc.stderr
+    resumed, rows = _train_rows(same / "metrics.jsonl", skip=logged), {r["step"]: r for r in _train_rows(full / "metrics.jsonl")}
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
+    for r in resumed:
+        assert (r["train/loss"], r["train/learning_rate"]) == (rows[r["step"]]["train/loss"],
+                                                               rows[r["step"]]["train/learning_rate"]), r["step"]
+    a, b = torch.load(full / "mask.pt", weights_only=True), torch.load(same / "mask.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rows[8]["mask/distance_to_init"] > 0  # the masks really moved
+
+    torchrun(RESUME_WORKER, tiny_bert_dropout, other / "checkpoints", tmp_path / "check.json", BF16_CONFIG.name, nproc=1)
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert (check["saved_on"], check["loaded_on"], check["step"], check["adam_step"]) == (2, 1, 4, 4)
+    assert check["dtypes"] == ["torch.bfloat16"] and check["scores"] == 14 and check["tensors"] > 14
+    logged = len((other / "metrics.jsonl").read_text().splitlines())
+    proc = torchrun(LAUNCHER, *bf16_args(tiny_bert_dropout, other, "--resume"), nproc=1)
+    assert "resumed from step4 at step 4, saved on 2 rank(s)" in proc.stdout + proc.stderr
+    rows = _train_rows(other / "metrics.jsonl", skip=logged)
+    assert [r["step"] for r in rows] == [5, 6, 7, 8] and rows[-1]["data/blocks_seen"] == (4 * 2 + 4 * 1) * 4
+    for key, keep in torch.load(other / "mask.pt", weights_only=True).items():
+        assert int((~keep).sum()) == int(keep.numel() * 0.7), key  # exact sparsity
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])

@@ -60,7 +60,7 @@ def run_seed(args: FinetuneArguments, data: TaskData, seed: int, ds_config: dict
     tag = f"seed{seed}"
     monitor.write(f"{spec.name} | seed {seed} | {len(features)} train features | {total} steps "
                   f"({per_epoch}/epoch) | {mask_label(mask)} | world size {sharding.world_size()} | "
-                  f"{eng.precision(ds_config)} | ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
+                  f"{eng.precision_line(ds_config)} | ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
 
     history, best, best_step, final = [], None, 0, None
     # The loss adds up on the device and is read once per logging step: no host sync per step.

@@ -4,7 +4,8 @@ tamt_ds.checkpoint, and checks that every trainable tensor and its Adam moments,
 consolidated over the ranks, equal what was saved -- read here straight from the rank
 files, on whatever world size wrote them.  Rank 0 writes what it compared to OUT_JSON.
 
-usage: resume_worker.py MODEL_DIR CKPT_ROOT OUT_JSON
+usage: resume_worker.py MODEL_DIR CKPT_ROOT OUT_JSON [CONFIG]   (CONFIG: a ds_configs/ name, default zero3_cpu.json;
+under bf16 the forward's copy must be the restored fp32 value rounded to bf16)
 """
 import json
 import os
@@ -35,9 +36,10 @@ def saved_full(files: list[dict], name: str, key: str) -> torch.Tensor:
 
 def main():
     model_dir, root, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    config = sys.argv[4] if len(sys.argv) > 4 else "zero3_cpu.json"
     eng.init_distributed()
     torch.manual_seed(0)
-    cfg = eng.load_ds_config(os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "zero3_cpu.json"),
+    cfg = eng.load_ds_config(os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", config),
                              micro_batch=4, grad_accum=1, grad_clip=1.0)
     # As in the GPU configs: ZeRO-3 keeps parameters under 1e5 elements gathered ("persistent");
     # here that is every score of the tiny model and the MLM head's bias. Their full copies
@@ -77,7 +79,7 @@ def main():
         for key, value in got.items():
             want = saved_full(files, name, key)
             assert torch.equal(value.detach().flatten().cpu(), want), f"{name} {key} differs after loading"
-        assert torch.equal(live, saved_full(files, name, "fp32")), f"{name}: the module's copy differs"
+        assert torch.equal(live, saved_full(files, name, "fp32").to(live.dtype)), f"{name}: the module's copy differs"
         elements += p.ds_numel
     base = engine.optimizer.optimizer
     steps = {float(base.state[flat]["step"]) for flat in engine.optimizer.fp32_partitioned_groups_flat}
@@ -90,7 +92,7 @@ def main():
             json.dump({"saved_on": found.world_size, "loaded_on": sharding.world_size(), "step": restored.step,
                        "tensors": len(trainable), "scores": len(masks), "elements": elements,
                        "adam_step": steps.pop(), "lr": base.param_groups[0]["lr"],
-                       "data_positions": len(restored.data)}, f)
+                       "data_positions": len(restored.data), "dtypes": sorted({str(p.dtype) for _, p in trainable})}, f)
 
 
 if __name__ == "__main__":
