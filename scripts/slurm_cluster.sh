@@ -61,6 +61,8 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/jobcomp.txt
 ReturnToService=2
 KillWait=10
+# A loaded machine answers slowly (munge too): a client gives up after 60 s, not 10.
+MessageTimeout=60
 MinJobAge=600
 $node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP

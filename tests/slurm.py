@@ -40,7 +40,7 @@ class Slurm:
 
     def run(self, *cmd: str, check: bool = True, **extra_env) -> subprocess.CompletedProcess:
         proc = subprocess.run(cmd, cwd=ROOT, env=env(SLURM_CONF=self.conf, **extra_env), capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=300)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
@@ -54,8 +54,15 @@ class Slurm:
         return Job(proc.stdout.strip().split(";")[0], output)
 
     def state(self, job: Job) -> str:
-        """PENDING / RUNNING / ... while squeue lists the job; '' once it ended."""
-        return self.run("squeue", "-h", "-j", job.id, "-o", "%T", check=False).stdout.strip()
+        """PENDING / RUNNING / ... while squeue lists the job; '' once it ended.  A squeue that
+        got no answer (a loaded machine: munge and slurmctld wait for a CPU too) says UNKNOWN."""
+        try:
+            proc = self.run("squeue", "-h", "-j", job.id, "-o", "%T", check=False)
+        except subprocess.TimeoutExpired:
+            return "UNKNOWN"
+        if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+            return "UNKNOWN"
+        return proc.stdout.strip()
 
     def wait(self, job: Job, timeout: float = 900) -> tuple[str, str]:
         """Until the job left squeue; then its end state and exit code from sacct."""
@@ -64,7 +71,7 @@ class Slurm:
             if time.monotonic() > deadline:
                 self.run("scancel", job.id, check=False)
                 raise AssertionError(f"job {job.id} still queued or running after {timeout} s:\n{job.text()[-6000:]}")
-            time.sleep(1)
+            time.sleep(2)
         for _ in range(30):  # the completion record is written as the job ends
             rows = self.run("sacct", "-c", "-j", job.id, "-n", "-P", "-o", "State,ExitCode").stdout.split()
             if rows:
