@@ -95,7 +95,10 @@ up() {
 }
 
 down() {
-  if running slurmctld; then client scancel --full --quiet $(client squeue -h -o %i) 2>/dev/null || true; fi
+  if running slurmctld && running slurmd; then  # its jobs end first, so that no rank outlives the cluster
+    client scancel --quiet $(client squeue -h -o %i) 2>/dev/null || true
+    for _ in $(seq 60); do [[ -z $(client squeue -h -o %i 2>/dev/null) ]] && break; sleep 1; done
+  fi
   for d in "${DAEMONS[@]}"; do
     running "$d" || continue
     local pid; pid=$(cat "$DIR/$d.pid")
