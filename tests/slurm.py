@@ -28,7 +28,7 @@ class Slurm:
     """Clients of the cluster that `scripts/slurm_cluster.sh up` started."""
 
     def __init__(self):
-        proc = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             reason = (proc.stderr.strip().splitlines() or ["status failed"])[-1]
             pytest.fail(f"no SLURM cluster is up ({reason}): run `make test-cluster` (root)", pytrace=False)
