@@ -86,13 +86,15 @@ def test_search_cancelled_and_resubmitted_with_resume_ends_with_the_uninterrupte
     tag = latest.read_text().strip()
     start = int(tag.removeprefix("step"))
     assert 0 < start < 32 and not (run / "mask.pt").exists(), f"cancelled at {tag}: raise --max_steps"
-    logged = len(load_rows(run / "metrics.jsonl"))
+    before = (run / "metrics.jsonl").read_text()
 
     again = slurm.sbatch(scripts["search"], [*args, "--resume"], tmp_path / "resumed.out", "--nodes=1", **RANKS)
     assert slurm.wait(again) == ("COMPLETED", "0:0"), again.text()[-6000:]
     assert f"resumed from {tag} at step {start}" in again.text()
-    # The resubmitted job logged exactly the steps after the checkpoint: it did not start from 0 ...
-    rows = train_rows(run / "metrics.jsonl", skip=logged)
+    # The resubmitted job kept the rows logged before the cancel (a search started over rewrites
+    # them: the same losses, other timings) and logged exactly the steps after the checkpoint ...
+    assert (run / "metrics.jsonl").read_text().startswith(before), "the resubmitted job started over"
+    rows = train_rows(run / "metrics.jsonl", skip=len(before.splitlines()))
     assert [r["step"] for r in rows] == list(range(start + 1, 33))
     # ... and each of them, and the mask, as the uninterrupted run had them, bit for bit.
     full = {r["step"]: r for r in train_rows(reference / "metrics.jsonl")}
