@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 NPROC ?= 1
 
-.PHONY: setup search study test bench clean
+.PHONY: setup search study test test-cluster bench clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -22,6 +22,14 @@ study: setup
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
+
+# launchers/slurm's jobs on a real one-node SLURM cluster on this machine (root: installs
+# slurm-wlm and munge with apt-get if missing).  A cluster this target started, it stops
+# again, whatever the tests say; one that was already up it leaves up.
+test-cluster: setup
+	@if bash scripts/slurm_cluster.sh status >/dev/null 2>&1; then started=; else started=1; fi; \
+	  [ -z "$$started" ] || trap 'bash scripts/slurm_cluster.sh down' EXIT; \
+	  bash scripts/slurm_cluster.sh up && $(PY) -m pytest -q -m cluster tests $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/step_overhead.py
