@@ -2,7 +2,7 @@
 
 Each masked Linear/Embedding gets one score tensor `mask_score`, registered on the
 same module as its `weight`, so ZeRO-3 partitions both the same way and gathers both
-for the module's forward and backward.  The mask itself is never stored: it is a
+for the module's forward and backward (not for the KD teacher's: see masks_disabled).  The mask itself is never stored: it is a
 function of the score and the module's `Cut` (tau plus a tie boundary, see
 thresholds.py), so the mask used in forward, the one counted for sparsity and the
 one exported agree exactly.  The masked forward keeps nothing weight-sized for
