@@ -17,8 +17,8 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import warnings
+from types import SimpleNamespace
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,21 +28,9 @@ from tamt_ds import engine as eng, sharding  # noqa: E402
 from tamt_ds.masking import prepare_search  # noqa: E402
 from tamt_ds.models import DEFAULT_MODEL, load_model  # noqa: E402
 from tamt_ds.objectives import compute_loss  # noqa: E402
-from benchmarks.step_overhead import engine_for  # noqa: E402
+from benchmarks.step_overhead import engine_for, timed  # noqa: E402
 
 TARGET = 0.05
-
-
-def synchronized(fn) -> float:
-    sharding.barrier()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    sharding.barrier()
-    return time.perf_counter() - t
 
 
 def main() -> int:
@@ -72,14 +60,15 @@ def main() -> int:
     masks, params = prepare_search(model, sparsity=args.sparsity, scope=args.scope)
     engine = engine_for(model, cfg, params)
 
-    def step():
+    def forward_backward():
         engine.backward(compute_loss(args.objective, engine, masks, batch)["loss"])
-        engine.step()
+
+    no_step = SimpleNamespace(step=lambda: None)  # timed() steps its engine after the timed call
 
     steps, resets = [], []
     for i in range(args.warmup + args.steps):
-        s = synchronized(step)  # the scores move, so each reset cuts new values
-        r = synchronized(masks.reset_thresholds)
+        s = timed(engine, forward_backward)  # the scores move, so each reset cuts new values
+        r = timed(no_step, masks.reset_thresholds)
         if i >= args.warmup:
             steps.append(s)
             resets.append(r)
