@@ -2,7 +2,7 @@
 
 Each masked Linear/Embedding gets one score tensor `mask_score`, registered on the
 same module as its `weight`, so ZeRO-3 partitions both the same way and gathers both
-for the module's forward and backward.  The mask itself is never stored: it is a
+for the module's forward and backward (not for the KD teacher's: see masks_disabled).  The mask itself is never stored: it is a
 function of the score and the module's `Cut` (tau plus a tie boundary, see
 thresholds.py), so the mask used in forward, the one counted for sparsity and the
 one exported agree exactly.  The masked forward keeps nothing weight-sized for
@@ -398,11 +398,17 @@ def prepare_search(model: nn.Module, *, sparsity: float, patterns: Iterable[str]
 
 @contextlib.contextmanager
 def masks_disabled(masks: MaskSet):
-    """The dense model: the same frozen weights with masks bypassed (the KD teacher)."""
+    """The dense model: the same frozen weights with masks bypassed (the KD teacher).
+
+    The scores leave their modules meanwhile: ZeRO-3 gathers a module's direct parameters
+    before its forward, and would gather every score (half the bytes) for a pass that
+    reads none.  Nothing but this block sees a module without its score."""
+    scores = [s.module._parameters.pop("mask_score") for s in masks]
     for s in masks:
         s.module.mask_enabled = False
     try:
         yield
     finally:
-        for s in masks:
+        for s, score in zip(masks, scores):
+            s.module._parameters["mask_score"] = score
             s.module.mask_enabled = True

@@ -17,8 +17,9 @@ travel between ranks, never values.
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -86,88 +87,111 @@ def _keys_of(values: torch.Tensor, offset: int, rows: torch.Tensor | None) -> to
 KEEP_ALL = Cut(float("-inf"))
 
 
-def _sort_keys(values: torch.Tensor) -> torch.Tensor:
-    """Map floats to int64 keys in [0, 2^32) whose order is the float order."""
-    bits = (values.detach().float() + 0.0).view(torch.int32).to(torch.int64)  # +0.0 folds -0 into +0
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys whose (signed) order is the float order of `values`: one cheap pass of int32
+    work (positive floats' bits already sort; negative ones sort reversed, so flip them)."""
+    bits = (values.detach().float() + 0.0).view(torch.int32)  # +0.0 folds -0 into +0
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def _key_to_float(key: int) -> float:
-    bits = key - 2**31
-    if bits < 0:
-        bits ^= 0x7FFFFFFF
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+    bits = key ^ 0x7FFFFFFF if key < 0 else key
+    return struct.unpack("<f", struct.pack("<i", bits))[0]  # on the host: no tensor, no device
 
 
-def _kth_smallest(groups: Sequence[Sequence], ks: Sequence[int], keys_of: Callable, reduce: bool) -> list[int]:
-    """The k-th smallest (1-based) key of each group of items; `keys_of(item)` gives this
-    rank's int64 keys in [0, 2^32) of one item (recomputed each pass: nothing big is kept)."""
+def _kth_smallest(groups: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], reduce: bool,
+                  device: torch.device) -> list[int]:
+    """The k-th smallest (1-based) int32 key of each group of this rank's key tensors (on
+    `device`), over all ranks.
+
+    Radix selection on the key + 2^31 (unsigned, 8 bits a pass).  Each pass adds every
+    tensor's keys into one [groups x 256] histogram on the device (keys outside their
+    group's prefix go to a dropped bin instead of being compacted, which would wait for
+    the device to learn their number), then one all-reduce; the prefix stays on the
+    device, so the only host sync is the answer at the end, however many matrices (a
+    bert-base reset has ~150; per matrix and pass it was ~1,000 syncs)."""
     n = len(groups)
-    prefix = torch.zeros(n, dtype=torch.int64)
-    remaining = torch.tensor(list(ks), dtype=torch.int64)
+    prefix = torch.zeros(n, dtype=torch.int64, device=device)  # the high bits found, of key + 2^31
+    remaining = torch.tensor(list(ks), dtype=torch.int64, device=device)
+    outside = n * 256
+    one = torch.ones(1, dtype=torch.int64, device=device)
     for shift in (24, 16, 8, 0):
-        hist = torch.zeros(n, 256, dtype=torch.int64)
+        hist = torch.zeros(outside + 1, dtype=torch.int64, device=device)
+        # (key + 2^31) >> m == prefix  <=>  key >> m == prefix - 2^(31 - m)  (arithmetic shift)
+        high = prefix - (1 << (23 - shift)) if shift < 24 else None
         for g, items in enumerate(groups):
-            for item in items:
-                keys = keys_of(item)
-                if shift < 24:
-                    keys = keys[(keys >> (shift + 8)) == prefix[g]]
-                hist[g] += torch.bincount((keys >> shift) & 255, minlength=256).cpu()
-        sharding.all_reduce_(hist, enabled=reduce)
+            for keys in items:
+                if shift == 24:
+                    bins = (keys >> 24) + (128 + g * 256)
+                else:
+                    bins = torch.where((keys >> (shift + 8)) == high[g], ((keys >> shift) & 255) + g * 256, outside)
+                hist.index_add_(0, bins, one.expand_as(bins))
+        hist = sharding.all_reduce_(hist[:outside], enabled=reduce).view(n, 256)
         cum = hist.cumsum(1)
         digit = (cum < remaining.unsqueeze(1)).sum(1)  # first bin whose running count reaches k
         below = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
         remaining -= below
         prefix = (prefix << 8) | digit
-    return prefix.tolist()
+    return [p - (1 << 31) for p in prefix.tolist()]
+
+
+def _below_and_at(n: int, items: dict[int, tuple[torch.Tensor, int]], device: torch.device,
+                  reduce: bool) -> list[list[int]]:
+    """For each matrix i of `items` (i -> this rank's keys, a key): how many keys are below the
+    key and at it, summed over ranks, and how many at it here; one all-reduce, one host sync."""
+    counts = torch.zeros(3, n, dtype=torch.int64, device=device)
+    for i, (keys, key) in items.items():
+        counts[0, i] = (keys < key).sum()
+        counts[1, i] = (keys == key).sum()
+    counts[2] = counts[1]
+    sharding.all_reduce_(counts[:2], enabled=reduce)
+    return counts.tolist()
 
 
 def bottom_k_cuts(shards: Sequence[Shard], ks: Sequence[int] | int, *, reduce: bool) -> list[Cut]:
     """Cuts pruning exactly ks[i] entries of matrix i (per matrix), or, when `ks` is a
     single int, exactly ks entries over all matrices together (global scope: one tau,
     ties ordered by tie key, and by matrix order among equal keys of different
-    matrices).  `reduce`: shards are disjoint across ranks, so sum counts."""
+    matrices).  `reduce`: shards are disjoint across ranks, so sum counts.
+
+    All matrices go through each step together: at most 4 host syncs per call, however
+    many matrices.  The int32 order keys of this rank's shards are kept for the call
+    (4 bytes an entry), so the float-to-key work is done once, not once a pass."""
     n = len(shards)
     for s in shards:
         if s.numel > MAX_MATRIX_NUMEL:
             raise ValueError(f"a masked matrix has {s.numel} entries; tie keys cover at most {MAX_MATRIX_NUMEL}")
+    if n == 0:
+        return []
+    device = shards[0].values.device
     groups, quotas = ([list(range(n))], [ks]) if isinstance(ks, int) else ([[i] for i in range(n)], list(ks))
     live = [g for g, k in enumerate(quotas) if k > 0]
+    keys = [_order_keys(s.values) for s in shards]
     # tau: the k-th smallest value of each group.
-    taus = _kth_smallest([[shards[i] for i in groups[g]] for g in live], [quotas[g] for g in live],
-                         lambda s: _sort_keys(s.values), reduce)
+    taus = _kth_smallest([[keys[i] for i in groups[g]] for g in live], [quotas[g] for g in live], reduce, device)
     tau_of = {i: tau for g, tau in zip(live, taus) for i in groups[g]}
 
-    def ties(i: int) -> torch.Tensor:
-        return _sort_keys(shards[i].values) == tau_of[i]
-
     # Per matrix: entries below tau, ties at tau.  The group prunes k - below ties.
-    counts = torch.zeros(n, 2, dtype=torch.int64)
-    for i in tau_of:
-        keys = _sort_keys(shards[i].values)
-        counts[i, 0] = int((keys < tau_of[i]).sum())
-        counts[i, 1] = int((keys == tau_of[i]).sum())
-    sharding.all_reduce_(counts, enabled=reduce)
-    pruned_ties = {g: quotas[g] - int(counts[groups[g], 0].sum()) for g in live}
+    below, ties, local_ties = _below_and_at(n, {i: (keys[i], tau_of[i]) for i in tau_of}, device, reduce)
+    pruned_ties = {g: quotas[g] - sum(below[i] for i in groups[g]) for g in live}
     tie_key = {i: ALL_TIES for i in tau_of}
-    partial = [g for g in live if pruned_ties[g] < int(counts[groups[g], 1].sum())]
+    partial = [g for g in live if pruned_ties[g] < sum(ties[i] for i in groups[g])]
     if partial:
-        def keys_of_ties(i: int) -> torch.Tensor:
-            return tie_keys(shards[i].offset + ties(i).nonzero().view(-1))
-
-        boundary = _kth_smallest([groups[g] for g in partial], [pruned_ties[g] for g in partial], keys_of_ties, reduce)
+        # The tie keys of this rank's ties (their number is known: nonzero_static needs no sync),
+        # in [0, 2^31): int32 keys of the same order.
+        ties_of = {i: tie_keys(shards[i].offset + torch.nonzero_static(keys[i] == tau_of[i], size=local_ties[i])
+                               .view(-1)).to(torch.int32) for g in partial for i in groups[g]}
+        del keys
+        boundary = _kth_smallest([[ties_of[i] for i in groups[g]] for g in partial],
+                                 [pruned_ties[g] for g in partial], reduce, device)
         # Ties below the boundary key, and which matrices hold a tie at it (at most one
         # each: keys are distinct within a matrix).
-        at = torch.zeros(n, 2, dtype=torch.int64)
+        key_of = {i: key for g, key in zip(partial, boundary) for i in groups[g]}
+        before, at, _ = _below_and_at(n, {i: (ties_of[i], key_of[i]) for i in key_of}, device, reduce)
         for g, key in zip(partial, boundary):
+            left = pruned_ties[g] - sum(before[i] for i in groups[g])  # ties at the boundary key still to prune
             for i in groups[g]:
-                keys = keys_of_ties(i)
-                at[i, 0], at[i, 1] = int((keys < key).sum()), int((keys == key).sum())
-        sharding.all_reduce_(at, enabled=reduce)
-        for g, key in zip(partial, boundary):
-            left = pruned_ties[g] - int(at[groups[g], 0].sum())  # ties at the boundary key still to prune
-            for i in groups[g]:
-                takes = left > 0 and int(at[i, 1]) > 0
+                takes = left > 0 and at[i] > 0
                 left -= int(takes)
                 tie_key[i] = key if takes else key - 1
     return [Cut(_key_to_float(tau_of[i]), tie_key[i]) if i in tau_of else KEEP_ALL for i in range(n)]
