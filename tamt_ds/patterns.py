@@ -303,7 +303,7 @@ class StructuredMaskSet(MaskSet):
                         full = w.data.double().cpu()
                     by_structure = full.reshape(count, -1) if name in rows else full.t().reshape(count, -1)
                     squares += by_structure.square().sum(1)
-                out.append(squares.sqrt())
+                out.append(squares.sqrt().float())  # cuts compare float32 values (thresholds._sort_keys)
         return out
 
     @torch.no_grad()

@@ -156,6 +156,9 @@ def test_structured_cut_is_global_over_heads_and_per_layer_over_neurons(by_world
         assert int(kept[n].sum()) == 32
         assert scores[n][kept[n]].min() >= scores[n][~kept[n]].max()
     assert abs(result["stats"]["sparsity"] - 0.5) < 1e-9
+    initial = result["initial"]  # OMP by structure norm: the same counts
+    assert sum(int((~initial[n][0].reshape(2, -1)[:, 0]).sum()) for n in heads) == 2
+    assert all(int(initial[n][0].sum()) == 32 for n in neurons)
 
 
 # ---- real 2-rank searches and what they export -----------------------------------------------
