@@ -228,6 +228,7 @@ class StructuredMaskSet(MaskSet):
         super().__init__([s for layer in layers for s in (layer.heads, layer.neurons)], sparsity)
         self.layers, self.dense_shapes = layers, dense_shapes
         self.modules = {name: model.get_submodule(name) for layer in layers for name in layer.names().values()}
+        self.file_sites = [MaskSite(name, module) for name, module in self.modules.items()]  # what a mask file covers
         self.num_heads = sharding.full_numel(layers[0].heads.score)
         self.num_neurons = sharding.full_numel(layers[0].neurons.score)
         self.pruned_heads = round(sparsity * self.num_heads * len(layers))  # over all layers
@@ -412,20 +413,8 @@ def prepare_pattern_search(model: nn.Module, *, pattern: SparsityPattern, sparsi
     if pattern.kind == "unstructured":
         return prepare_search(model, sparsity=sparsity, patterns=patterns, scope=scope, init=init, seed=seed,
                               mask_file=mask_file)
-    base = {id(p) for p in model.base_model.parameters()}
-    head = [p for p in model.parameters() if id(p) not in base]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    masks = attach_structured(model, sparsity) if pattern.kind == "structured" else attach_nm(model, pattern, patterns)
-    if mask_file is not None:
-        from tamt_ds.maskfile import masks_for_model  # maskfile builds on masking
-
-        named = masks.modules if pattern.kind == "structured" else {s.name: s.module for s in masks.sites}
-        file_masks = masks_for_model(mask_file, model, [MaskSite(n, m) for n, m in named.items()], init)
-        masks.require_counts_of(file_masks, init)
-        masks.init_scores("file", seed=seed, mask_file=file_masks)
-    else:
-        masks.init_scores(init, seed=seed)
-    for p in head:
-        p.requires_grad_(True)
-    return masks, masks.scores + head
+    if pattern.kind == "structured":
+        return prepare_search(model, sparsity=sparsity, init=init, seed=seed, mask_file=mask_file,
+                              attach=lambda m: attach_structured(m, sparsity))
+    return prepare_search(model, sparsity=sparsity, init=init, seed=seed, mask_file=mask_file,
+                          attach=lambda m: attach_nm(m, pattern, patterns))
