@@ -89,7 +89,10 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args, tmp)
         vocab = variants["dense"][0].config.vocab_size
-        print(f"{args.model} | CPU, {torch.get_num_threads()} threads | {torch.cpu.get_capabilities()}")
+        caps = torch.cpu.get_capabilities()
+        bf16 = [k for k in ("avx512_bf16", "amx_bf16") if caps.get(k)]
+        print(f"{args.model} | {caps.get('cpu_name', 'CPU')}, {torch.get_num_threads()} threads | native bf16: "
+              f"{', '.join(bf16) or 'none'}")
         print(f"{'dtype':9} {'shape':7} {'variant':28} {'ms':>9} {'seq/s':>9} {'x dense':>8} {'MB':>7}")
         for dtype in args.dtypes:
             for shape in args.shapes:

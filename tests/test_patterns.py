@@ -205,3 +205,35 @@ def test_structured_search_exports_a_compact_model_equal_to_the_masked_one(searc
         a = compact(input_ids=ids).last_hidden_state
         b = original(input_ids=ids).last_hidden_state
     assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "structured"])
+def test_fine_tuning_keeps_the_pattern(tiny_bert, pattern):
+    """FixedMask (the fine-tuning mask) from a pattern's mask file: after AdamW steps with weight
+    decay, every pruned weight is still 0, so the pattern holds on the trained weights."""
+    from transformers import AutoModel
+
+    from tamt_ds.downstream.arguments import MaskSpec
+    from tamt_ds.downstream.fixed_mask import FixedMask
+    from tamt_ds.pattern_baselines import baseline_masks
+
+    mask_file = baseline_masks(tiny_bert, pattern, 0.5)
+    model = AutoModel.from_pretrained(tiny_bert)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fixed = FixedMask.build(model, MaskSpec("file", path="mask.pt"), mask_file)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(5, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        opt.zero_grad()
+        out = model(input_ids=ids)
+        (out.last_hidden_state.square().mean() + out.pooler_output.square().mean()).backward()
+        fixed.mask_gradients()
+        opt.step()
+    state = model.state_dict()
+    for key, keep in mask_file.items():
+        assert (state[key][~keep] == 0).all(), key  # pruned stay 0
+        assert not torch.equal(state[key][keep], before[key][keep]), key  # kept ones trained
+        if pattern == "2:4" and "word_embeddings" not in key:
+            check_nm(keep, 2, 4)
+    layer = state["encoder.layer.0.attention.output.dense.weight"] != 0
+    assert layer.any(0).sum() == mask_file["encoder.layer.0.attention.output.dense.weight"].any(0).sum()
