@@ -237,3 +237,19 @@ def test_fine_tuning_keeps_the_pattern(tiny_bert, pattern):
             check_nm(keep, 2, 4)
     layer = state["encoder.layer.0.attention.output.dense.weight"] != 0
     assert layer.any(0).sum() == mask_file["encoder.layer.0.attention.output.dense.weight"].any(0).sum()
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--sparsity_pattern", "2-4"], "--sparsity_pattern '2-4': use unstructured, structured or N:M"),
+    (["--sparsity_pattern", "2:4", "--threshold_scope", "global"], "--threshold_scope global is for unstructured"),
+    (["--sparsity_pattern", "3:5"], "not a multiple of 5"),
+])
+def test_bad_pattern_settings_are_one_line_errors_writing_nothing(tiny_bert, tmp_path, capsys, extra, expect):
+    from tamt_ds.search import main
+
+    out = tmp_path / "run"
+    code = main(["--model_name_or_path", tiny_bert, "--output_dir", str(out), "--deepspeed",
+                 str(ROOT / "ds_configs" / "zero3_cpu.json"), "--max_steps", "1", *extra])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(err) == 1 and expect in err[0], err
+    assert not out.exists() or not any(out.iterdir())
