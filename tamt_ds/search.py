@@ -199,8 +199,8 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     resume_from = checkpoint.find(ckpt_root, model_id) if args.resume else None
     masks, trainable = prepare_pattern_search(model, pattern=parse_pattern(args.sparsity_pattern),
                                               sparsity=args.sparsity, patterns=args.mask_patterns,
-                                      scope=args.threshold_scope, init=args.mask_init, seed=args.seed,
-                                      mask_file=mask_file)
+                                              scope=args.threshold_scope, init=args.mask_init, seed=args.seed,
+                                              mask_file=mask_file)
 
     engine, scheduler = eng.build_engine(model, ds_config, params=trainable, lr=args.learning_rate,
                                          weight_decay=args.weight_decay, total_steps=args.max_steps,
@@ -221,7 +221,8 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     start_output_dir(args, run_config(args, data, ds_config, model_id, random_weights))
 
     monitor = Monitor(args.output_dir, total_steps=args.max_steps, start_step=step)
-    monitor.write(f"TAMT-{args.objective} | sparsity {masks.sparsity} {args.sparsity_pattern} | {len(masks)} masked matrices | "
+    pattern = "" if args.sparsity_pattern == "unstructured" else f" ({args.sparsity_pattern}: {masks.sparsity:g})"
+    monitor.write(f"TAMT-{args.objective} | sparsity {args.sparsity}{pattern} | {len(masks)} masked matrices | "
                   f"world size {sharding.world_size()} | {eng.precision(ds_config)} | "
                   f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
     if resume_from is not None:
