@@ -8,7 +8,6 @@ transformers 5 dropped prune_heads / config.pruned_heads, and a config alone can
 (`tamt_heads_per_layer`).  The smaller FFN is the plain config's intermediate_size.
 Standalone on purpose: it imports nothing but torch and transformers.
 """
-import torch
 from torch import nn
 from transformers import BertModel, RobertaModel
 
@@ -50,4 +49,4 @@ class TamtCompactRobertaModel(RobertaModel):
         self.post_init()
 
 
-__all__ = ["TamtCompactBertModel", "TamtCompactRobertaModel", "torch"]
+__all__ = ["TamtCompactBertModel", "TamtCompactRobertaModel"]

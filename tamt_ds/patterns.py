@@ -100,7 +100,7 @@ class GatheredMaskSite(MaskSite):
         return keep.reshape(-1)[shard.offset:shard.offset + shard.values.numel()].to(shard.values.device)
 
 
-def _full_rank_values(weight: nn.Parameter, method: str, index: int, seed: int) -> torch.Tensor:
+def _matrix_rank_values(weight: nn.Parameter, method: str, index: int, seed: int) -> torch.Tensor:
     """What an initial mask ranks, over the whole matrix (call with `weight` gathered)."""
     if method == "magnitude":
         return weight.data.abs().float()
@@ -147,7 +147,7 @@ class NMMaskSet(MaskSet):
                 keep = a["mask_file"][site.name].to(shard.values.device)
             else:
                 with sharding.gathered([site.weight]):
-                    keep = nm_keep(_full_rank_values(site.weight, a["method"], i, a["seed"]),
+                    keep = nm_keep(_matrix_rank_values(site.weight, a["method"], i, a["seed"]),
                                    self.pattern.n, self.pattern.m)
             out.append(keep.reshape(-1)[shard.offset:shard.offset + shard.values.numel()])
         return out
