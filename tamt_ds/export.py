@@ -116,6 +116,10 @@ def export_search_outputs(output_dir: str, model, masks, source: str, tokenizer)
         save_mask_file(full, model, os.path.join(output_dir, "mask.pt"))
         by_key = {export_name(model, name): keep for name, keep in full.items()}
         save_pruned_model(by_key, source, tokenizer, os.path.join(output_dir, "pruned_model"))
+        if getattr(masks, "removes_structures", False):  # patterns.StructuredMaskSet
+            from tamt_ds.compact import save_compact_model
+
+            save_compact_model(by_key, source, tokenizer, os.path.join(output_dir, "compact_model"))
     sharding.barrier()
 
 

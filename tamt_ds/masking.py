@@ -373,7 +373,7 @@ def attach_masks(model: nn.Module, patterns: Iterable[str] = TAMT_PATTERNS, *, s
 
 def prepare_search(model: nn.Module, *, sparsity: float, patterns: Iterable[str] = TAMT_PATTERNS,
                    scope: str = "per_matrix", init: str = "magnitude", seed: int = 0,
-                   mask_file: dict[str, torch.Tensor] | None = None) -> tuple[MaskSet, list[nn.Parameter]]:
+                   mask_file: dict[str, torch.Tensor] | None = None, attach=None) -> tuple[MaskSet, list[nn.Parameter]]:
     """The search's model: every weight frozen, a score next to each masked one, initialised
     (`init`: magnitude, random, or the path `mask_file` was read from), and the MLM head, if
     the model has one, trainable except its decoder weight (tied to the frozen embedding).
@@ -382,11 +382,12 @@ def prepare_search(model: nn.Module, *, sparsity: float, patterns: Iterable[str]
     head = [p for p in model.parameters() if id(p) not in base]  # a tied decoder weight is the embedding's
     for p in model.parameters():
         p.requires_grad_(False)
-    masks = attach_masks(model, patterns, sparsity=sparsity, scope=scope)
+    # `attach`: another pattern's masks (patterns.py), with the sites a mask file must cover
+    masks = attach(model) if attach is not None else attach_masks(model, patterns, sparsity=sparsity, scope=scope)
     if mask_file is not None:
         from tamt_ds.maskfile import masks_for_model  # maskfile builds on this module
 
-        file_masks = masks_for_model(mask_file, model, masks, init)
+        file_masks = masks_for_model(mask_file, model, getattr(masks, "file_sites", masks), init)
         masks.require_counts_of(file_masks, init)
         masks.init_scores("file", seed=seed, mask_file=file_masks)
     else:

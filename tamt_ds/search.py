@@ -24,9 +24,10 @@ from tamt_ds.errors import InputError
 from tamt_ds.export import export_mask_snapshot, export_search_outputs
 from tamt_ds.host_memory import release_freed_memory_for
 from tamt_ds.maskfile import read_mask_file
-from tamt_ds.masking import TAMT_PATTERNS, check_settings, prepare_search
+from tamt_ds.masking import TAMT_PATTERNS, check_settings
 from tamt_ds.models import DEFAULT_MODEL, enable_gradient_checkpointing, load_model, load_tokenizer, random_weights_note
 from tamt_ds.monitor import Monitor, memory_mb
+from tamt_ds.patterns import parse_pattern, prepare_pattern_search
 from tamt_ds.objectives import OBJECTIVES, compute_loss, kd_loss_sum, mlm_accuracy, teacher_hidden_states
 from tamt_ds.search_cost import CostMeter, flops_per_token, write_cost
 
@@ -45,6 +46,10 @@ class SearchArguments:
         "help": "magnitude, random, or a mask file path: the search starts from exactly that mask, whose pruned "
                 "counts must be the ones --sparsity prunes (per matrix, or in all with --threshold_scope global); "
                 "a file of another sparsity is refused"})
+    sparsity_pattern: str = field(default="unstructured", metadata={
+        "help": "unstructured, N:M (e.g. 2:4: N kept of every M weights along the input dimension; sparsity "
+                "1 - N/M, --sparsity unused) or structured (attention heads and FFN neurons; --sparsity: the "
+                "fraction of their weights removed); see docs/patterns.md"})
     mask_patterns: list[str] = field(default_factory=lambda: list(TAMT_PATTERNS),
                                      metadata={"help": "regexes of module names to mask"})
     threshold_scope: str = field(default="per_matrix", metadata={"help": "per_matrix (TAMT) or global"})
@@ -114,6 +119,9 @@ def validate(args: SearchArguments, data: CorpusArguments) -> None:
     if bad:
         raise SearchError(f"--mask_snapshot_steps {' '.join(map(str, bad))}: a snapshot step must be in "
                           f"1..--max_steps ({args.max_steps}); pass e.g. --mask_snapshot_steps {max(1, args.max_steps // 4)}")
+    if parse_pattern(args.sparsity_pattern).kind != "unstructured" and args.threshold_scope != "per_matrix":
+        raise SearchError(f"--threshold_scope {args.threshold_scope} is for unstructured masks: leave it out with "
+                          f"--sparsity_pattern {args.sparsity_pattern}")
     if args.dist_timeout <= 0:
         raise SearchError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
 
@@ -137,7 +145,7 @@ def start_output_dir(args: SearchArguments, config: dict) -> None:
     """Called once everything loaded: only a run that can start touches the directory."""
     if sharding.rank() == 0:
         if args.overwrite_output_dir and not args.resume:
-            for sub in ("checkpoints", "tensorboard", "pruned_model", "snapshots"):
+            for sub in ("checkpoints", "tensorboard", "pruned_model", "compact_model", "snapshots"):
                 shutil.rmtree(os.path.join(args.output_dir, sub), ignore_errors=True)
             for f in ("metrics.jsonl", "mask.pt", "cost.json"):
                 if os.path.exists(os.path.join(args.output_dir, f)):
@@ -198,9 +206,10 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     model_id = checkpoint.model_fingerprint(args.model_name_or_path)
     ckpt_root = os.path.join(args.output_dir, "checkpoints")
     resume_from = checkpoint.find(ckpt_root, model_id) if args.resume else None
-    masks, trainable = prepare_search(model, sparsity=args.sparsity, patterns=args.mask_patterns,
-                                      scope=args.threshold_scope, init=args.mask_init, seed=args.seed,
-                                      mask_file=mask_file)
+    masks, trainable = prepare_pattern_search(model, pattern=parse_pattern(args.sparsity_pattern),
+                                              sparsity=args.sparsity, patterns=args.mask_patterns,
+                                              scope=args.threshold_scope, init=args.mask_init, seed=args.seed,
+                                              mask_file=mask_file)
 
     engine, scheduler = eng.build_engine(model, ds_config, params=trainable, lr=args.learning_rate,
                                          weight_decay=args.weight_decay, total_steps=args.max_steps,
@@ -223,7 +232,8 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     start_output_dir(args, run_config(args, data, ds_config, model_id, random_weights))
 
     monitor = Monitor(args.output_dir, total_steps=args.max_steps, start_step=step)
-    monitor.write(f"TAMT-{args.objective} | sparsity {args.sparsity} | {len(masks)} masked matrices | "
+    pattern = "" if args.sparsity_pattern == "unstructured" else f" ({args.sparsity_pattern}: {masks.sparsity:g})"
+    monitor.write(f"TAMT-{args.objective} | sparsity {args.sparsity}{pattern} | {len(masks)} masked matrices | "
                   f"world size {sharding.world_size()} | {eng.precision_line(ds_config)} | "
                   f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}")
     if resume_from is not None:
