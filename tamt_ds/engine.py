@@ -222,6 +222,14 @@ def build_engine(model, cfg: dict, *, params, lr: float, weight_decay: float, to
     import deepspeed
 
     ds_cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    from tamt_ds import sharding
+
+    zero = ds_cfg.get("zero_optimization", {})
+    if sharding.world_size() == 1 and zero.get("stage") == 3:
+        # One rank: ZeRO-3's reduce-scatter path concatenates and copies every gradient to
+        # "scatter" it to itself; its all-reduce path reduces the gradient bucket in place,
+        # a no-op at one rank.  Same values (docs/benchmarks.md, the step against a plain loop).
+        ds_cfg["zero_optimization"] = {**zero, "reduce_scatter": False}
     groups = list(params)
     groups = groups if groups and isinstance(groups[0], dict) else [{"params": groups}]
     groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
