@@ -213,7 +213,7 @@ def main() -> int:
             for name, side in sides.items():
                 profile(side, batch, args.profile, f"{name} {dtype_name}")
         del sides
-    print(f"\nmodel FLOPs per token {flops / 1e9:.3f} GFLOP (tamt_ds/mfu.py); peak: "
+    print(f"\nmodel FLOPs per token {flops / 1e9:.4g} GFLOP (tamt_ds/mfu.py); peak: "
           f"{mfu.describe_peak(torch.device('cpu'))}")
     print("\n".join(summary))
     return 0

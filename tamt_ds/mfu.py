@@ -128,8 +128,8 @@ class SearchMFU:
         known = torch.tensor([peak or 0.0, float(peak is None)], dtype=torch.float64)
         sharding.all_reduce_(known)
         self.peak = None if known[1] > 0 else float(known[0])
-        self.text = (f"model FLOPs {self.flops_per_token / 1e9:.3f} GFLOP/token; peak "
-                     f"{'unknown' if self.peak is None else f'{self.peak / 1e12:.3f} TFLOP/s'} over "
+        self.text = (f"model FLOPs {self.flops_per_token / 1e9:.4g} GFLOP/token; peak "
+                     f"{'unknown' if self.peak is None else f'{self.peak / 1e12:.4g} TFLOP/s'} over "
                      f"{sharding.world_size()} rank(s): {describe_peak(device)}, {_DTYPE_NAMES.get(dtype, dtype)}")
 
     def of(self, tokens_per_s: float) -> float:
