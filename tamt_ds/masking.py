@@ -38,6 +38,17 @@ TAMT_PATTERNS: tuple[str, ...] = (
 INIT_SCORE = 0.02  # kept entries start at 2 * tau0 (tau0 = 0.01), pruned ones at 0, as in TAMT
 
 
+# torch's own F.linear: ZeRO-3's zero.Init replaces F.linear process-wide with a version that
+# adds the bias in a second pass over the output (DeepSpeed's "memory-efficient linear").
+_linear = torch._C._nn.linear
+
+
+def _apply(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """W * m in one pass (weight * keep first converts the bool mask to W's dtype); pruned
+    entries are +0 where the product gives -0 for negative weights, the same in every sum."""
+    return torch.where(keep, weight, 0)
+
+
 class _MaskedLinearFn(torch.autograd.Function):
     """F.linear(x, W * m, b), m = cut.keep(S), straight-through to S: dL/dS = dL/dW_eff * W
     (search) and dL/dW = dL/dW_eff * m (a trainable weight).
@@ -53,7 +64,7 @@ class _MaskedLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, score, cut):  # runs without autograd recording
         ctx.cut = cut
         ctx.save_for_backward(x, weight, bias, score)
-        return F.linear(x, weight * cut.keep(score), bias)
+        return _linear(x, _apply(weight, cut.keep(score)), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -62,7 +73,7 @@ class _MaskedLinearFn(torch.autograd.Function):
         keep = ctx.cut.keep(score)
         grad_x = grad_w = grad_b = grad_s = None
         if need_x:
-            grad_x = grad_out.matmul(weight * keep)
+            grad_x = grad_out.matmul(_apply(weight, keep))
         if need_w or need_s:
             grad_eff = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
             grad_w = grad_eff * keep if need_w else None
@@ -106,7 +117,7 @@ class MaskedWeightMixin:
 class MaskedLinear(MaskedWeightMixin, nn.Linear):
     def forward(self, x):
         if not self.mask_enabled:
-            return F.linear(x, self.weight, self.bias)
+            return _linear(x, self.weight, self.bias)
         return _MaskedLinearFn.apply(x, self.weight, self.bias, self.mask_score, self.mask_cut)
 
 

@@ -25,6 +25,7 @@ from tamt_ds.export import export_mask_snapshot, export_search_outputs
 from tamt_ds.host_memory import release_freed_memory_for
 from tamt_ds.maskfile import read_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, check_settings
+from tamt_ds.mfu import SearchMFU
 from tamt_ds.models import DEFAULT_MODEL, enable_gradient_checkpointing, load_model, load_tokenizer, random_weights_note
 from tamt_ds.monitor import Monitor, memory_mb
 from tamt_ds.patterns import parse_pattern, prepare_pattern_search
@@ -241,6 +242,9 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     if random_weights:
         monitor.write(f"model {args.model_name_or_path}: RANDOM weights (seed {random_weights['seed']}), "
                       f"published shapes only: for system and scaling runs, not a pre-trained model")
+    mfu = SearchMFU(model, args.objective, seq_len=data.max_seq_length, dtype=eng.precision(ds_config), device=device,
+                    gradient_checkpointing=args.gradient_checkpointing)
+    monitor.write(mfu.text)
     batches = iter(loader)
     engine.train()  # from_pretrained returns the model in eval mode: the student trains with its dropout
     diverged = guards.NonFiniteGuard(device)
@@ -267,7 +271,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
 
         if step % args.logging_steps == 0 or step == args.max_steps:
             diverged.check(kept=f"checkpoints saved before it stay in {ckpt_root}")
-            log_step(monitor, step, masks, scheduler, window, loader)
+            log_step(monitor, step, masks, scheduler, window, loader, mfu)
         if step in snapshot_steps:  # the run's thresholds, RNG and optimizer are left as they are
             export_mask_snapshot(args.output_dir, step, model, masks, meter.totals(loader, step))
             meter.start()
@@ -298,7 +302,7 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     return final
 
 
-def log_step(monitor: Monitor, step: int, masks, scheduler, window: dict, loader) -> None:
+def log_step(monitor: Monitor, step: int, masks, scheduler, window: dict, loader, mfu: SearchMFU) -> None:
     """Loss terms averaged over the window and ranks, mask statistics from the live masks,
     corpus progress summed over ranks."""
     names = sorted(window["terms"])
@@ -315,14 +319,16 @@ def log_step(monitor: Monitor, step: int, masks, scheduler, window: dict, loader
         "train/learning_rate": scheduler.get_last_lr()[0] if scheduler is not None else float("nan"),
         "mask/sparsity": stats["sparsity"], "mask/change_since_last_log": stats["mask_change"],
         "mask/distance_to_init": stats["distance_to_init"],
-        "perf/tokens_per_s": float(values[-1]) / elapsed, **{f"perf/{k}": v for k, v in memory_mb().items()},
+        "perf/tokens_per_s": float(values[-1]) / elapsed, "perf/mfu": mfu.of(float(values[-1]) / elapsed),
+        **{f"perf/{k}": v for k, v in memory_mb().items()},
         "data/tokens_seen": float(values[-4]), "data/blocks_seen": float(values[-3]),
         "data/blocks_per_s": float(values[-2]) / elapsed, "data/epoch": progress["epoch"],
     })
     if progress["epoch_fraction"] is not None:
         scalars["data/epoch_fraction"] = progress["epoch_fraction"]
     per = stats["per_matrix"]
-    monitor.step(0, loss=scalars["train/loss"])
+    monitor.step(0, **{"loss": scalars["train/loss"], "tok/s": scalars["perf/tokens_per_s"],
+                       "MFU %": 100 * scalars["perf/mfu"]})
     monitor.log(step, scalars, groups={
         "sparsity": {n: v["sparsity"] for n, v in per.items()},
         "threshold": {n: v["threshold"] for n, v in per.items()},

@@ -57,6 +57,7 @@ def reference_imp(model_dir: str, *, given=None, rewind: bool = True, after=None
 
     from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, default_train_files, \
         default_validation_files
+    from tamt_ds.engine import adamw
     from tamt_ds.masking import TAMT_PATTERNS
 
     data = CorpusArguments(train_files=default_train_files(), mix_weights=DEFAULT_MIX_WEIGHTS, max_seq_length=SEQ,
@@ -105,7 +106,7 @@ def reference_imp(model_dir: str, *, given=None, rewind: bool = True, after=None
             for n, m in modules.items():
                 m.weight_mask.copy_(keep[n])
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+        opt = adamw(params, lr=LR, weight_decay=0.0)  # the engine's AdamW (fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (INTERVAL - s) / INTERVAL))
         model.train()
         for _ in range(INTERVAL):

@@ -83,7 +83,7 @@ def main():
                                                  TimesMask(m.keep.view_as(m.weight)))
         groups = param_groups(model, DECAY)
         params = [p for g in groups for p in g["params"]]
-        opt = torch.optim.AdamW(groups, lr=LR, weight_decay=DECAY)
+        opt = eng.adamw(groups, lr=LR, weight_decay=DECAY)  # the engine's AdamW (fused)
         sched = eng.linear_decay(opt, STEPS)
         for step in range(STEPS):
             total = 0.0

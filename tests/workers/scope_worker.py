@@ -43,7 +43,7 @@ def main():
             if (step + 1) % RESET == 0:
                 masks.reset_thresholds()
     else:
-        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+        opt = eng.adamw(params, lr=LR, weight_decay=0.01)  # the engine's AdamW (fused)
         sched = eng.linear_decay(opt, steps)
         for step in range(steps):
             opt.zero_grad()

@@ -1,0 +1,137 @@
+"""Model FLOPs utilisation (MFU) of the search: the matmul FLOPs one step needs per token,
+times tokens/s, over the devices' peak.
+
+FLOPs per token of a TAMT step, counted from the model (matmuls only: masks, softmax,
+layer norms and optimizer are not model FLOPs), with N the weights of the Linear layers
+every token passes (the pooler runs on one token per sequence, so it counts 1/s), L
+layers of width d and s tokens per block:
+
+    forward                 F = 2 N + 4 L s d             (x W^T; Q K^T and A V)
+    student backward        B = 2 N' + 8 L s d + 2 N_t    (activation gradients through the N' weights
+                                                           the loss depends on, attention's two matmuls
+                                                           each, and dL/dW_eff = g^T x for the N_t weights
+                                                           whose score or weight trains)
+    search step             F (student) + B + F (teacher, KD objectives only)
+                            + the encoder's forward again with gradient checkpointing
+
+For KD with every encoder matrix masked (N = N' = N_t up to the pooler) that is
+8 N + 16 L s d: a training step's 6 N plus the teacher's 2 N; frozen weights save no
+FLOPs, since a score's gradient is a weight gradient times W.
+
+Peak: a table of GPUs' dense tensor-core (bf16/fp16, tf32) and fp32 rates; on a CPU, the
+best rate of a one-second matmul probe in the run's dtype, taken once per process.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import time
+
+import torch
+from torch import nn
+
+from tamt_ds import sharding
+
+# Dense peak TFLOP/s (NVIDIA datasheets, without structured sparsity), by device name;
+# the first name contained in torch.cuda.get_device_name() counts.
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67}),
+    ("H100 PCIe", {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51}),
+    ("H100", {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67}),  # SXM
+    ("A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
+)
+PROBE_SECONDS = 1.0
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_ENCODER_LAYER = re.compile(r"layer\.\d+\.")
+
+
+def search_flops_per_token(model: nn.Module, objective: str, *, seq_len: int,
+                           gradient_checkpointing: bool = False) -> float:
+    """Model FLOPs of one search step per token (see the module docstring)."""
+    per_token = on_path = trained = recomputed = 0.0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        numel = sharding.full_numel(module.weight)
+        if name.endswith("pooler.dense"):
+            per_token += numel / seq_len  # the first token of each block; no loss reads its output
+            continue
+        per_token += numel
+        on_path += numel
+        score = getattr(module, "mask_score", None)
+        if module.weight.requires_grad or (score is not None and score.requires_grad):
+            trained += numel
+        if _ENCODER_LAYER.search(name):
+            recomputed += numel
+    config = model.config
+    attention = 4 * config.num_hidden_layers * seq_len * config.hidden_size  # forward, per token
+    forward = 2 * per_token + attention
+    student = forward + 2 * on_path + 2 * attention + 2 * trained
+    if gradient_checkpointing:
+        student += 2 * recomputed + attention
+    teacher = forward if "kd" in objective else 0.0
+    return student + teacher
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """This device's peak FLOP/s in `dtype` (None for a GPU not in the table)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        key = _DTYPE_NAMES.get(dtype, "fp32")
+        if key == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+            key = "tf32"
+        for gpu, peaks in GPU_PEAK_TFLOPS:
+            if gpu in name:
+                return peaks[key] * 1e12
+        return None
+    if device.type == "cpu":
+        return _cpu_probe(dtype, torch.get_num_threads())
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_probe(dtype: torch.dtype, threads: int) -> float:
+    """The best rate of a (2048 x 1024) @ (1024 x 1024) matmul over about PROBE_SECONDS:
+    what this CPU's cores, as this process uses them, reach in `dtype`."""
+    a = torch.randn(2048, 1024).to(dtype)
+    b = torch.randn(1024, 1024).to(dtype)
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    torch.mm(a, b)  # first call: kernel selection, allocation
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < PROBE_SECONDS:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, flops / (time.perf_counter() - t))
+    return best
+
+
+def describe_peak(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} datasheet peak (tamt_ds/mfu.py table)"
+    probe = "" if dtype is None else f" {peak_flops(device, dtype) / 1e9:,.0f} GFLOP/s"
+    return f"CPU matmul probe{probe} ({PROBE_SECONDS:g} s, {torch.get_num_threads()} threads)"
+
+
+def percent(flops_per_s: float, peak: float | None) -> str:
+    return "n/a" if not peak else f"{100 * flops_per_s / peak:.1f}%"
+
+
+class SearchMFU:
+    """MFU of a search: FLOPs per token from the model, the peak summed over ranks (each
+    rank probes its own share of the machine at the same time)."""
+
+    def __init__(self, model: nn.Module, objective: str, *, seq_len: int, dtype: torch.dtype,
+                 device: torch.device, gradient_checkpointing: bool = False):
+        self.flops_per_token = search_flops_per_token(model, objective, seq_len=seq_len,
+                                                      gradient_checkpointing=gradient_checkpointing)
+        peak = peak_flops(device, dtype)
+        known = torch.tensor([peak or 0.0, float(peak is None)], dtype=torch.float64)
+        sharding.all_reduce_(known)
+        self.peak = None if known[1] > 0 else float(known[0])
+        self.text = (f"model FLOPs {self.flops_per_token / 1e9:.4g} GFLOP/token; peak "
+                     f"{'unknown' if self.peak is None else f'{self.peak / 1e12:.4g} TFLOP/s'} over "
+                     f"{sharding.world_size()} rank(s): {describe_peak(device)}, {_DTYPE_NAMES.get(dtype, dtype)}")
+
+    def of(self, tokens_per_s: float) -> float:
+        """MFU as a fraction (nan where the peak is unknown)."""
+        return float("nan") if self.peak is None else tokens_per_s * self.flops_per_token / self.peak
