@@ -13,7 +13,7 @@ setup:
 search: setup
 	$(VENV)/bin/deepspeed --num_accelerators $(NPROC) --num_nodes 1 launchers/search.py $(ARGS)
 
-# The paper's experiments, small: TAMT-KD, IMP (short), OMP, random at 0.5 / 0.7 / 0.9 on
+# The paper's experiments, small: TAMT-KD, IMP (short), OMP, random at 0.5 / 0.7 on
 # all-MiniLM-L6-v2 -> pre-training losses -> supersense_verb (../shared/data) + supersense_noun
 # (tamt_ds/data/tasks), 2 seeds
 # -> outputs/study/study.{json,md} + figures (docs/study.md).  Rerun to continue a killed study.
