@@ -78,6 +78,14 @@ def build_finetune(args, cfg, batch, masked: bool):
     return engine, forward_backward
 
 
+def random_mlm_batch(batch: int, seq: int, device) -> dict:
+    """Token ids of a BERT vocabulary, 15% of them MLM labels; each rank its own."""
+    g = torch.Generator().manual_seed(sharding.rank())
+    ids = torch.randint(1000, 20000, (batch, seq), generator=g)
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, torch.full_like(ids, -100))
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+
+
 def timed(engine, forward_backward) -> float:
     sharding.barrier()
     if torch.cuda.is_available():
@@ -114,10 +122,7 @@ def main() -> int:
     eng.init_distributed()
     cfg = eng.load_ds_config(args.deepspeed, micro_batch=args.batch, grad_accum=1, grad_clip=1.0)
     device = eng.device()
-    g = torch.Generator().manual_seed(sharding.rank())
-    ids = torch.randint(1000, 20000, (args.batch, args.seq), generator=g)
-    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, torch.full_like(ids, -100))
-    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    batch = random_mlm_batch(args.batch, args.seq, device)
     build = build_search if args.mode == "search" else build_finetune
     if args.only:
         engine, forward_backward = build(args, cfg, batch, args.only == "masked")

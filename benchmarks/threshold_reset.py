@@ -28,7 +28,7 @@ from tamt_ds import engine as eng, sharding  # noqa: E402
 from tamt_ds.masking import prepare_search  # noqa: E402
 from tamt_ds.models import DEFAULT_MODEL, load_model  # noqa: E402
 from tamt_ds.objectives import compute_loss  # noqa: E402
-from benchmarks.step_overhead import engine_for, timed  # noqa: E402
+from benchmarks.step_overhead import engine_for, random_mlm_batch, timed  # noqa: E402
 
 TARGET = 0.05
 
@@ -52,10 +52,7 @@ def main() -> int:
     eng.init_distributed()
     cfg = eng.load_ds_config(args.deepspeed, micro_batch=args.batch, grad_accum=1, grad_clip=1.0)
     device = eng.device()
-    g = torch.Generator().manual_seed(sharding.rank())
-    ids = torch.randint(1000, 20000, (args.batch, args.seq), generator=g)
-    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, torch.full_like(ids, -100))
-    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    batch = random_mlm_batch(args.batch, args.seq, device)
     model = load_model(args.model, with_mlm_head=True, ds_config=cfg)
     masks, params = prepare_search(model, sparsity=args.sparsity, scope=args.scope)
     engine = engine_for(model, cfg, params)
