@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 NPROC ?= 1
 
-.PHONY: setup search study test bench clean
+.PHONY: setup search study test test-faults bench clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -20,7 +20,13 @@ study: setup
 	$(PY) launchers/study.py --config studies/embedded.yaml $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q tests -m "not faults" $(ARGS)
+
+# Ranks that go wrong at size: 8-rank gloo searches with one rank killed, frozen or on a full
+# disk during a checkpoint (issue 15 §4; a few minutes; the full disk mounts a tmpfs: root or
+# unprivileged user namespaces).
+test-faults: setup
+	$(PY) -m pytest -q tests -m faults $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/step_overhead.py
