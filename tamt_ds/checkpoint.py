@@ -27,11 +27,13 @@ not the one `latest` names.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from tamt_ds import sharding, zero
-from tamt_ds.errors import InputError
+from tamt_ds.errors import InputError, disk_full
 
 FORMAT_VERSION = 1
 COMPLETE = "complete.json"
@@ -55,9 +57,13 @@ def atomic_write_text(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _sha256(path: str) -> str:
@@ -297,30 +303,87 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@dataclass
+class _NoSpace:
+    """A checkpoint write the filesystem refused for want of space or quota."""
+
+    rank: int
+    host: str
+    path: str
+    newest: str | None = None  # the newest complete checkpoint, to resume from
+    others: int = 0  # ranks refused besides `rank`
+
+    def error(self, tag: str, keep: int) -> CheckpointError:
+        also = f" (and on {self.others} other rank(s))" if self.others else ""
+        limit = f"lower --save_total_limit (now {keep})" if keep else "pass --save_total_limit 1 (now 0: all kept)"
+        return CheckpointError(
+            f"checkpoint {tag} not saved: no space left on device on rank {self.rank} ({self.host}) writing "
+            f"{self.path}{also}: free space there, {limit}, or pass another --output_dir; --resume continues from "
+            f"{self.newest or 'step 0 (no complete checkpoint yet)'}")
+
+
+def _no_space(e: BaseException, path: str) -> _NoSpace:
+    if not disk_full(e):
+        raise e
+    return _NoSpace(sharding.rank(), socket.gethostname(), path)
+
+
 def save(engine, root: str, step: int, state: dict, *, data: dict, model: dict, keep: int = 2) -> str:
     """Write checkpoint step<step> (every rank calls this): the engine's trainable state,
     `state` (the search's, the same on every rank), this rank's data position `data`.
-    Then point `latest` at it and keep only the newest `keep` checkpoints (0: all)."""
+    Then point `latest` at it and keep only the newest `keep` checkpoints (0: all).
+
+    A write the filesystem refuses for want of space, on any rank, stops every rank with the
+    same one line naming that rank and the path (not a traceback on one rank and lost contact
+    on the others); the incomplete checkpoint is deleted, it only takes space."""
     from tamt_ds.maskfile import atomic_torch_save
 
     tag = f"step{step}"
     folder = os.path.join(root, tag)
+    refused = None
     if sharding.rank() == 0:
-        shutil.rmtree(folder, ignore_errors=True)  # what an interrupted earlier attempt at this step left
-        os.makedirs(folder)
-    sharding.barrier()
+        try:
+            shutil.rmtree(folder, ignore_errors=True)  # what an interrupted earlier attempt at this step left
+            os.makedirs(folder)
+        except OSError as e:
+            refused = _no_space(e, folder)
+            refused.newest = _read_latest(root)
+    refused = sharding.broadcast_object(refused)  # every rank waits for the folder
+    if refused:
+        raise refused.error(tag, keep)
     name = f"rank{sharding.rank()}.pt"
     path = os.path.join(folder, name)
-    atomic_torch_save({"version": FORMAT_VERSION, "step": step, "rank": sharding.rank(), "state": state,
-                       "data": data, "rng": _rng_state(), **_engine_state(engine)}, path)
-    written = sharding.gather_objects((name, os.path.getsize(path), _sha256(path)))
+    try:
+        atomic_torch_save({"version": FORMAT_VERSION, "step": step, "rank": sharding.rank(), "state": state,
+                           "data": data, "rng": _rng_state(), **_engine_state(engine)}, path)
+        mine = (name, os.path.getsize(path), _sha256(path))
+    except Exception as e:  # noqa: BLE001 - _no_space re-raises anything but a full disk
+        mine = _no_space(e, path)
+    written = sharding.gather_objects(mine)
     if sharding.rank() == 0:
-        meta = {"version": FORMAT_VERSION, "step": step, "world_size": sharding.world_size(), "model": model,
-                "files": {n: {"bytes": b, "sha256": h} for n, b, h in written}}
-        atomic_write_text(os.path.join(folder, COMPLETE), json.dumps(meta, indent=1))
-        atomic_write_text(os.path.join(root, LATEST), tag)
-        _prune(root, keep, newest=tag)
-    sharding.barrier()
+        full = [w for w in written if isinstance(w, _NoSpace)]
+        if full:
+            refused = dataclasses.replace(full[0], others=len(full) - 1)
+        else:
+            meta = {"version": FORMAT_VERSION, "step": step, "world_size": sharding.world_size(), "model": model,
+                    "files": {n: {"bytes": b, "sha256": h} for n, b, h in written}}
+            for target, text in ((os.path.join(folder, COMPLETE), json.dumps(meta, indent=1)),
+                                 (os.path.join(root, LATEST), tag)):
+                try:
+                    atomic_write_text(target, text)
+                except OSError as e:
+                    refused = _no_space(e, target)
+                    break
+        if refused is None:
+            _prune(root, keep, newest=tag)
+        elif os.path.isfile(os.path.join(folder, COMPLETE)):
+            refused.newest = tag  # complete, `latest` not moved: a resume takes it all the same
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            refused.newest = _read_latest(root)
+    refused = sharding.broadcast_object(refused)  # every rank waits for rank 0's files
+    if refused:
+        raise refused.error(tag, keep)
     return tag
 
 

@@ -14,10 +14,12 @@ every rank) can fail, so rank 0 alone reports them.  TAMT_DEBUG=1 re-raises ever
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
 import threading
+import time
 import traceback
 
 
@@ -25,10 +27,23 @@ class InputError(ValueError):
     """Bad input or settings: the message is one line that names the fix."""
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` comes from a write that the filesystem refused for want of space or quota
+    (torch.save raises a RuntimeError of its zip writer over the OSError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 # One ending per process: the main thread's error or the heartbeat thread's lost contact,
 # whichever comes first; the other stays quiet.
 _ending = threading.Lock()
 _reported = False
+LOST_CONTACT = "lost contact"  # the claim every rank that lost its peers shares: one line for all
 
 
 def run_cli(fn) -> int:
@@ -52,7 +67,7 @@ def run_cli(fn) -> int:
             _reported = True
             if sharding.initialized() and sharding.is_peer_failure(e):
                 _report(f"error: {_where()}lost contact with the other ranks ({_first_line(e)}); {_silent_ranks()}",
-                        key="lost contact")
+                        key=LOST_CONTACT)
             else:
                 _report(f"{traceback.format_exc().rstrip()}\nerror: {_where()}stopped on the unexpected "
                         f"{type(e).__name__} above", key=f"{type(e).__name__}: {e}", every_rank_before_init=True)
@@ -67,10 +82,33 @@ def end_lost_contact(detail: str) -> None:
     with _ending:
         if _reported:
             return
-        _report(f"error: {_where()}lost contact with the other ranks: {detail}", key="lost contact")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        _report(f"error: {_where()}lost contact with the other ranks: {detail}", key=LOST_CONTACT)
+        _end_now(1)
+
+
+def end_quietly() -> None:
+    """From the heartbeat thread: another rank already reported that the ranks lost contact
+    (the job is over), so this rank ends now (exit code 1) without a line of its own, instead
+    of waiting, blocked, for the broken collectives to fail one after another."""
+    with _ending:
+        if _reported:
+            return
+        _end_now(1)
+
+
+def _end_now(code: int) -> None:
+    """End after a failure.  Rank 0 hosts the rendezvous store under most launchers (all but
+    torchrun, whose agent does): it lingers a few heartbeats so that every other rank still
+    finds the claims there and reports nothing twice (sharding.first_to_claim), instead of
+    each printing its own line once the store is gone."""
+    from tamt_ds import sharding
+    from tamt_ds.guards import STORE_LINGER_S
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if sharding.distributed() and sharding.rank() == 0:
+        time.sleep(STORE_LINGER_S)
+    os._exit(code)
 
 
 def exit_process(code: int) -> None:
@@ -92,9 +130,7 @@ def exit_process(code: int) -> None:
                     key="lost contact at the end")
             code = 1
     if code != 0:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _end_now(code)
     sys.exit(0)
 
 

@@ -23,9 +23,10 @@ import uuid
 import torch
 
 from tamt_ds import sharding
-from tamt_ds.errors import InputError, end_lost_contact
+from tamt_ds.errors import LOST_CONTACT, InputError, end_lost_contact, end_quietly
 
 BEAT_PERIOD_S = 1.0
+STORE_LINGER_S = 5 * BEAT_PERIOD_S  # rank 0 stays this long after a failure: the others read the claims
 READS_PER_DEADLINE = 20  # the peers' counts are read this often per deadline (every rank reads all: keep it rare)
 
 
@@ -74,6 +75,8 @@ class Heartbeat:
                     end_lost_contact(f"the rendezvous store stopped answering for more than {self.deadline_s:g} s "
                                      f"(its host, rank 0 or the launcher, died or froze)")
                 continue
+            if sharding.claims(LOST_CONTACT):  # a rank said so for all: no need to wait for this one's collective
+                end_quietly()
             if now < next_read:
                 continue
             next_read = now + read_every

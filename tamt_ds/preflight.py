@@ -15,7 +15,8 @@ the job would start and fit, or 2 with one line per problem, each naming the fix
     memory         the planner's per-rank parts (tamt_ds.plan) against --gpu_memory_gb; host per node
     disk           checkpoint bytes per rank and in all, times what --save_total_limit keeps, against
                    the free space of --output_dir, which must be writable
-    resume         the newest complete checkpoint (checkpoint._choose) reshards to N ranks
+    resume         the newest complete checkpoint (search: checkpoint._choose; IMP: its last finished
+                   level) reshards to N ranks
 
 Every per-rank figure is a pure function of (rank, world_size), so N = 512 is checked here as is.
 """
@@ -95,6 +96,8 @@ class Job:
     outputs_bytes: float = 0.0        # set by check_model: what the run writes besides checkpoints
     outputs_note: str = ""
     resume: bool = False
+    resume_level: str | None = None   # IMP --resume: the folder of the last finished level (None: none finished)
+    mask: object | None = None        # fine-tuning: its --mask (MaskSpec)
     seed: int = 42
     start_problems: list[str] = field(default_factory=list)  # what the entry point's own start checks refuse
 
@@ -123,6 +126,8 @@ def job_of(entry: str, argv: list[str]) -> Job:
         job = Job(entry, args.model_name_or_path, args.deepspeed, args.per_device_train_batch_size,
                   args.gradient_accumulation_steps, args.max_grad_norm, data.max_seq_length, "mlm", "all",
                   corpus=data, output_dir=args.output_dir, levels=len(levels), resume=args.resume, seed=args.seed)
+        done = m.finished_levels(args, levels) if args.resume else 0  # the job's own choice of where to go on
+        job.resume_level = m.level_dir(args.output_dir, levels[done - 1]) if done else None
         job.start_problems = _refused(m.check_output_dir, args)
         return job
     if entry == "finetune":
@@ -133,7 +138,7 @@ def job_of(entry: str, argv: list[str]) -> Job:
         saved = len(f.task_names(args)) * len(f.parse_seeds(args.seeds)) if getattr(args, "save_model", False) else 0
         return Job(entry, args.model_name_or_path, args.deepspeed, args.per_device_train_batch_size,
                    args.gradient_accumulation_steps, args.max_grad_norm, args.max_seq_length, "kd", "all",
-                   trains_on_corpus=False, output_dir=args.output_dir, saved_models=saved)
+                   trains_on_corpus=False, output_dir=args.output_dir, saved_models=saved, mask=f.parse_mask(args.mask))
     if entry == "evaluate_mask":
         from tamt_ds import evaluate_mask as e
 
@@ -146,11 +151,11 @@ def job_of(entry: str, argv: list[str]) -> Job:
     raise ValueError(f"no pre-flight for entry point {entry!r}")
 
 
-def _refused(check, args) -> list[str]:
+def _refused(check, *args) -> list[str]:
     from tamt_ds.errors import InputError
 
     try:
-        check(args)
+        check(*args)
     except InputError as e:
         return [str(e)]
     return []
@@ -210,6 +215,10 @@ def check_deepspeed(job: Job, report: Report) -> dict:
     if job.entry == "search" and zero.get("stage") != 3:
         report.problems.append(f"{path} has ZeRO stage {zero.get('stage', 0)}: search checkpoints need stage 3, "
                                f"pass --deepspeed {engine.CONFIG_DIR / 'zero3_bf16.json'} or another zero3_*.json")
+    if job.entry == "finetune":
+        from tamt_ds.downstream.arguments import check_zero_stage
+
+        report.problems.extend(_refused(check_zero_stage, job.mask, cfg))  # a --mask needs stage 3 (or none)
     return cfg
 
 
@@ -451,8 +460,11 @@ def check_resume(job: Job, report: Report, model: dict) -> None:
     the pieces it holds (checkpoint.load reads any world size's pieces by offset)."""
     if not job.resume:
         return
+    if job.entry == "imp":
+        check_imp_resume(job, report, model)
+        return
     if job.entry != "search":
-        report.add("resume", "resume", f"{job.entry} resumes after its last finished level/run: not checked here")
+        report.add("resume", "resume", f"{job.entry} resumes after its last finished run: not checked here")
         return
     import torch
 
@@ -500,6 +512,46 @@ def check_resume(job: Job, report: Report, model: dict) -> None:
     else:
         report.add("resume", f"reshards to {n} ranks", f"yes: every rank's range of all {len(numel)} trainable "
                                                        f"tensors is in the saved pieces")
+
+
+def check_imp_resume(job: Job, report: Report, model: dict) -> None:
+    """IMP goes on after its last finished level (imp.finished_levels: mask.pt written last) from
+    that level's mask.pt and MLM head, full tensors every rank takes its share of at load, and
+    every saved rank's data position, re-dealt to the N ranks' readers."""
+    import torch
+
+    from tamt_ds.imp import DATA_POSITIONS, read_data_positions
+    from tamt_ds.maskfile import read_mask_file
+
+    folder = job.resume_level
+    if folder is None:
+        report.add("resume", "newest checkpoint", f"no finished level in {job.output_dir}: IMP starts at round 1")
+        return
+    heads = {n: k for n, k in model["tensors"].items() if n.startswith("head.")}
+    try:
+        masks = read_mask_file(os.path.join(folder, "mask.pt"))
+        head = torch.load(os.path.join(folder, "mlm_head.pt"), map_location="cpu", weights_only=True)
+        positions = read_data_positions(folder)
+    except (OSError, RuntimeError, ValueError) as e:
+        report.problems.append(f"level {folder} cannot be read ({str(e).splitlines()[0]}): delete its mask.pt to redo "
+                               f"that level, or pass --overwrite_output_dir instead of --resume to start over")
+        return
+    # The model's names carry its class's prefix: the tensors' sizes are compared (as for the search)
+    theirs = (sorted(m.numel() for m in masks.values()), sum(t.numel() for t in head.values()))
+    ours = (sorted(model["masked"].values()), sum(heads.values()))
+    report.add("resume", "newest checkpoint", f"{folder}: level {os.path.basename(folder)}, saved on "
+                                              f"{len(positions)} rank(s)")
+    if theirs != ours:
+        report.problems.append(f"level {folder} holds masks of {len(theirs[0])} matrices ({sum(theirs[0]):,} entries) and "
+                               f"an MLM head of {theirs[1]:,}, this model {len(ours[0])} ({sum(ours[0]):,}) and "
+                               f"{ours[1]:,}: resume with the model it was made from, or use another --output_dir")
+    elif not positions:
+        report.problems.append(f"level {folder} has no data positions ({DATA_POSITIONS}): delete its mask.pt to "
+                               f"redo that level, or pass --overwrite_output_dir instead of --resume to start over")
+    else:
+        report.add("resume", f"reshards to {report.world_size} ranks",
+                   f"yes: mask.pt and mlm_head.pt hold full tensors, and the {len(positions)} saved data positions "
+                   f"are re-dealt to the {report.world_size} ranks' readers")
 
 
 def _covered(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:

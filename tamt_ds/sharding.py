@@ -231,6 +231,16 @@ def first_to_claim(key: str) -> bool:
         return True
 
 
+def claims(key: str) -> int:
+    """How many ranks claimed `key` so far (0 also when the store does not answer)."""
+    if not distributed():
+        return 0
+    try:
+        return _store().add(f"tamt/claim/{key}", 0)
+    except Exception:
+        return 0
+
+
 def is_peer_failure(exc: BaseException) -> bool:
     """A collective or store operation failed because a peer died or stopped answering."""
     if isinstance(exc, dist.DistError):

@@ -229,3 +229,65 @@ def test_host_memory_per_node(capsys, tmp_path):
     assert code == 0 and node > 1.3  # rank 0 reads the whole 1.34 GB fp32 checkpoint at load
     code, _, errors = run(capsys, "search", *args, "--host_memory_gb", 1)
     assert code == 2 and len(errors) == 1 and "of host memory per node does not fit 1 GB" in errors[0]
+
+
+def test_finetune_shows_the_zero_stage_and_checks_the_one_its_mask_needs(capsys, tmp_path):
+    """As the search's: the stage row, and the job's own stage check (a --mask needs ZeRO-3 or none)."""
+    import json
+
+    base = ["--preflight_world_size", 8, "--model_name_or_path", "config:bert-base-uncased", "--task", "sst2",
+            "--output_dir", tmp_path / "ft"]
+    code, out, errors = run(capsys, "finetune", *base, "--mask", "omp:0.5")
+    assert code == 0, errors
+    assert row(out, "precision / stage / offload") == "bf16 / ZeRO stage 3 / none"
+    cfg = json.loads(CPU_CONFIG.read_text())
+    cfg["zero_optimization"]["stage"] = 2
+    (tmp_path / "zero2.json").write_text(json.dumps(cfg))
+    code, out, errors = run(capsys, "finetune", *base, "--mask", "omp:0.5", "--deepspeed", tmp_path / "zero2.json")
+    assert row(out, "precision / stage / offload") == "fp32 / ZeRO stage 2 / none"
+    assert code == 2 and errors == [f"error: --mask needs ZeRO stage 3 (or no ZeRO), but {tmp_path / 'zero2.json'} has "
+                                    f"stage 2: pass --deepspeed ds_configs/zero3_cpu.json or another stage-3 config"]
+    code, _, errors = run(capsys, "finetune", *base, "--deepspeed", tmp_path / "zero2.json")  # dense: any stage
+    assert code == 0, errors
+
+
+@pytest.fixture(scope="module")
+def imp_levels(tmp_path_factory):
+    """A real 1-rank IMP run that finished its first level (0.1) of two."""
+    from tests.tiny_bert_mlm import make_tiny_bert_mlm
+
+    tmp = tmp_path_factory.mktemp("pf_imp")
+    model = make_tiny_bert_mlm(str(tmp / "model"))
+    out = tmp / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "launchers" / "imp.py"), "--model_name_or_path", model, "--output_dir", str(out),
+           "--deepspeed", str(CPU_CONFIG), "--per_device_train_batch_size", "4", "--max_seq_length", "32",
+           "--max_sparsity", "0.1", "--prune_interval", "1", "--validation_blocks", "0", "--logging_steps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "0.1" / "mask.pt").exists()
+    return model, out
+
+
+def test_imp_resume_checks_its_last_finished_level(imp_levels, capsys):
+    model, out = imp_levels
+    base = ["--output_dir", out, "--deepspeed", CPU_CONFIG, "--max_seq_length", 32, "--per_device_train_batch_size", 4,
+            "--max_sparsity", 0.2, "--resume"]
+    code, table, errors = run(capsys, "imp", "--preflight_world_size", 3, "--model_name_or_path", model, *base)
+    assert code == 0, errors
+    assert row(table, "newest checkpoint") == f"{out / '0.1'}: level 0.1, saved on 1 rank(s)"
+    assert row(table, "reshards to 3 ranks").startswith("yes")
+    # another model: its masks and head are not the level's
+    code, _, errors = run(capsys, "imp", "--preflight_world_size", 3, "--model_name_or_path", "config:bert-base-uncased",
+                          *base)
+    assert code == 2 and len(errors) == 1 and f"level {out / '0.1'} holds masks of 14 matrices" in errors[0], errors
+    assert "resume with the model it was made from" in errors[0]
+    # a level whose data positions are unreadable cannot be continued
+    positions = out / "0.1" / "data_positions.pt"
+    saved = positions.read_bytes()
+    try:
+        positions.write_bytes(saved[:100])
+        code, _, errors = run(capsys, "imp", "--preflight_world_size", 3, "--model_name_or_path", model, *base)
+    finally:
+        positions.write_bytes(saved)
+    assert code == 2 and len(errors) == 1 and f"level {out / '0.1'} cannot be read" in errors[0], errors

@@ -100,3 +100,41 @@ def test_a_checkpoint_restores_bit_for_bit_on_another_world_size(before, after, 
         for key in ("fp32", *PER_ELEMENT):
             whole = torch.cat([restored[r][0].params[name].partition[key] for r in range(after)])
             assert torch.equal(bits(whole[:full[name][key].numel()]), bits(full[name][key].reshape(-1))), (name, key)
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_with_one_line(stand_ins, tmp_path, monkeypatch):
+    """8 ranks; rank 5's file of checkpoint step9 lands on a full device (/dev/full: the kernel's
+    own ENOSPC, under torch.save's zip writer): every rank stops with the same one line naming
+    rank 5 and the path, the incomplete step9 is deleted, step7 stays the one to resume from.
+    (A real 8-rank run on a full tmpfs: tests/test_faults_at_size.py, `make test-faults`.)"""
+    import os
+    import tempfile
+
+    from tamt_ds import sharding
+
+    world, root, full = 8, str(tmp_path / "ckpt"), full_state(0)
+    save_at(root, world, full)
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        fd, path = real_mkstemp(*args, dir=dir, **kwargs)
+        if sharding.rank() == 5 and os.path.basename(dir) == "step9":
+            os.close(fd)
+            fd = os.open("/dev/full", os.O_WRONLY)
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+    def rank_fn(r: int):
+        try:
+            checkpoint.save(rank_engine(full, world, r), root, step=9, state={"step": 9}, data={"rank": r}, model=MODEL)
+        except checkpoint.CheckpointError as e:
+            return str(e)
+
+    messages = run_ranks(world, rank_fn)
+    assert len(set(messages)) == 1, messages  # the same text on every rank: printed once
+    assert messages[0].startswith("checkpoint step9 not saved: no space left on device on rank 5 ("), messages[0]
+    assert messages[0].endswith(f"writing {root}/step9/rank5.pt: free space there, lower --save_total_limit (now 2), "
+                                f"or pass another --output_dir; --resume continues from step7"), messages[0]
+    assert sorted(os.listdir(root)) == ["latest", "step7"]
+    assert checkpoint.find(root, MODEL).tag == "step7"
