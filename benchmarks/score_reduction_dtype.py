@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -42,7 +43,7 @@ def run(name: str, args, extra: list[str]) -> str:
     config = os.path.join(folder, "ds.json")
     with open(config, "w") as f:
         json.dump({**cfg, **keys}, f)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(args.nproc), "--master_port",
            str(free_port()), os.path.join(ROOT, "launchers", "search.py"), "--deepspeed", config,
            "--output_dir", os.path.join(folder, "run"), "--overwrite_output_dir", "--max_steps", str(args.max_steps),
            "--eval_steps", str(args.max_steps), "--save_steps", str(args.max_steps),

@@ -95,7 +95,7 @@ class PlainSearch:
             module.tau, module.masked, module.k = INIT_SCORE / 2, True, k
             self.sites.append(module)
         self.scores = [m.score for m in self.sites]
-        self.optimizer = torch.optim.AdamW(self.scores, lr=LR, weight_decay=0.0)
+        self.adamw = torch.optim.AdamW(self.scores, lr=LR, weight_decay=0.0)
         self.steps = 0
 
     def step(self, batch) -> None:
@@ -110,8 +110,8 @@ class PlainSearch:
         student = self.model(**batch, output_hidden_states=True).hidden_states
         kd_loss(student, teacher, batch["attention_mask"]).backward()
         torch.nn.utils.clip_grad_norm_(self.scores, CLIP)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.adamw.step()
+        self.adamw.zero_grad(set_to_none=True)
         self.steps += 1
         if self.steps % RESET_STEPS == 0:
             with torch.no_grad():
