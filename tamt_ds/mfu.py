@@ -93,8 +93,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 def _cpu_probe(dtype: torch.dtype, threads: int) -> float:
     """The best rate of a (2048 x 1024) @ (1024 x 1024) matmul over about PROBE_SECONDS:
     what this CPU's cores, as this process uses them, reach in `dtype`."""
-    a = torch.randn(2048, 1024).to(dtype)
-    b = torch.randn(1024, 1024).to(dtype)
+    # its own generator: the global RNG's stream is the search's (dropout), restored exactly on resume
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2048, 1024, generator=gen).to(dtype)
+    b = torch.randn(1024, 1024, generator=gen).to(dtype)
     flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
     torch.mm(a, b)  # first call: kernel selection, allocation
     best, start = 0.0, time.perf_counter()
