@@ -410,17 +410,11 @@ def prepare_search(model: nn.Module, *, sparsity: float, patterns: Iterable[str]
 
 @contextlib.contextmanager
 def masks_disabled(masks: MaskSet):
-    """The dense model: the same frozen weights with masks bypassed (the KD teacher).
-
-    The scores leave their modules meanwhile: ZeRO-3 gathers a module's direct parameters
-    before its forward, and would gather every score (half the bytes) for a pass that
-    reads none.  Nothing but this block sees a module without its score."""
-    scores = [s.module._parameters.pop("mask_score") for s in masks]
+    """The dense model: the same frozen weights with masks bypassed (the KD teacher)."""
     for s in masks:
         s.module.mask_enabled = False
     try:
         yield
     finally:
-        for s, score in zip(masks, scores):
-            s.module._parameters["mask_score"] = score
+        for s in masks:
             s.module.mask_enabled = True
