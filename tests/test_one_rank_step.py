@@ -10,14 +10,6 @@ from tamt_ds.models import load_model
 from tamt_ds.objectives import compute_loss
 
 
-@pytest.fixture
-def one_rank():
-    """This process as a 1-rank job, ended afterwards (later tests, e.g. the pre-flight's, expect no group)."""
-    eng.init_distributed()
-    yield
-    eng.shutdown()
-
-
 def search_steps(model_dir, config: str, monkeypatch, *, build_as_world: int = 1, steps: int = 3):
     """Scores after `steps` KD steps (a threshold reset among them) at 1 rank, the engine built
     as for `build_as_world` ranks; and whether that engine took the reduce-scatter path."""
@@ -42,7 +34,8 @@ def search_steps(model_dir, config: str, monkeypatch, *, build_as_world: int = 1
 
 
 @pytest.mark.parametrize("config", ["zero3_cpu.json", "zero3_bf16.json"])
-def test_one_rank_all_reduce_path_equals_the_reduce_scatter_path(tiny_bert_dropout, config, monkeypatch, one_rank):
+def test_one_rank_all_reduce_path_equals_the_reduce_scatter_path(tiny_bert_dropout, config, monkeypatch):
+    eng.init_distributed()
     assert sharding.world_size() == 1
     short_cut, scattered = search_steps(tiny_bert_dropout, config, monkeypatch)
     reference, reference_scattered = search_steps(tiny_bert_dropout, config, monkeypatch, build_as_world=2)
