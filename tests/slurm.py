@@ -21,7 +21,8 @@ class Job:
     output: Path  # the job's stdout and stderr, its steps' included
 
     def text(self) -> str:
-        return self.output.read_text() if self.output.exists() else ""
+        # errors="replace": a job still writing may have cut a multi-byte character (a progress bar) in two
+        return self.output.read_text(errors="replace") if self.output.exists() else ""
 
 
 class Slurm:
