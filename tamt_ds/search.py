@@ -30,7 +30,7 @@ from tamt_ds.models import DEFAULT_MODEL, enable_gradient_checkpointing, load_mo
 from tamt_ds.monitor import Monitor, memory_mb
 from tamt_ds.patterns import parse_pattern, prepare_pattern_search
 from tamt_ds.objectives import OBJECTIVES, compute_loss, kd_loss_sum, mlm_accuracy, teacher_hidden_states
-from tamt_ds.search_cost import CostMeter, flops_per_token, write_cost
+from tamt_ds.search_cost import CostMeter, write_cost
 
 
 SEARCH_MAX_SEQ_LENGTH = 32  # tokens per block of the default search (CorpusArguments' default is 64)
@@ -222,7 +222,9 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
                                             rank=sharding.rank(), world_size=sharding.world_size(),
                                             seed=args.seed, mlm=use_mlm)
     step = 0
-    meter = CostMeter(flops_per_token(model.config, data.max_seq_length, args.objective))
+    mfu = SearchMFU(model, args.objective, seq_len=data.max_seq_length, dtype=eng.precision(ds_config), device=device,
+                    gradient_checkpointing=args.gradient_checkpointing)
+    meter = CostMeter(mfu.flops_per_token)  # one count of the step's FLOPs for the MFU and cost.json
     if resume_from is not None:
         restored = checkpoint.load(engine, resume_from)
         step = restored.step
@@ -242,8 +244,6 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     if random_weights:
         monitor.write(f"model {args.model_name_or_path}: RANDOM weights (seed {random_weights['seed']}), "
                       f"published shapes only: for system and scaling runs, not a pre-trained model")
-    mfu = SearchMFU(model, args.objective, seq_len=data.max_seq_length, dtype=eng.precision(ds_config), device=device,
-                    gradient_checkpointing=args.gradient_checkpointing)
     monitor.write(mfu.text)
     batches = iter(loader)
     engine.train()  # from_pretrained returns the model in eval mode: the student trains with its dropout

@@ -2,8 +2,9 @@
 
 A search (and each IMP level) writes `cost.json` next to its mask.pt; the study reads it
 for the search-budget axis (docs/study.md).  Tokens are the real (non-padding) tokens
-every rank read, summed; FLOPs are tokens x `flops_per_token` (an analytic count, the
-same for every machine); device-seconds are the wall seconds of the training steps times
+every rank read, summed; FLOPs are tokens x FLOPs per token (an analytic count, the same
+for every machine: a search's from its model, `mfu.search_flops_per_token`, the one its MFU uses;
+IMP's and the study's estimates from the config, `flops_per_token`, the same formula); device-seconds are the wall seconds of the training steps times
 the number of ranks (loading, evaluation and export are not counted; measured, so they
 depend on the machine).  All three carry over a resume.
 """
