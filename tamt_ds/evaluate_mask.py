@@ -257,13 +257,9 @@ def parse_args(argv=None) -> EvaluateMaskArguments:
 
 
 def main(argv=None) -> int:
-    from tamt_ds.errors import run_cli
-
     from tamt_ds import preflight
 
-    if preflight.requested(argv):  # checks the job for N ranks in this one process, then exits
-        return preflight.main("evaluate_mask", argv)
-    return run_cli(lambda: evaluate_masks(parse_args(argv)))
+    return preflight.run_entry("evaluate_mask", lambda: evaluate_masks(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

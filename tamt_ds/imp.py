@@ -386,13 +386,9 @@ def run_round(args: IMPArguments, ds_config: dict, r: int, level: float, mask_fi
 
 
 def main(argv=None) -> int:
-    from tamt_ds.errors import run_cli
-
     from tamt_ds import preflight
 
-    if preflight.requested(argv):  # checks the job for N ranks in this one process, then exits
-        return preflight.main("imp", argv)
-    return run_cli(lambda: imp(*parse_args(argv)))
+    return preflight.run_entry("imp", lambda: imp(*parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

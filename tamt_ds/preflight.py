@@ -44,6 +44,14 @@ def requested(argv: list[str] | None = None) -> bool:
     return any(a.split("=", 1)[0] == PREFLIGHT_FLAG for a in (sys.argv[1:] if argv is None else argv))
 
 
+def run_entry(entry: str, job, argv: list[str] | None = None) -> int:
+    """An entry point's main: its pre-flight for N ranks when the command line asks for one
+    (this one process, then exit), else the job itself under run_cli's exit codes."""
+    from tamt_ds.errors import run_cli
+
+    return main(entry, argv) if requested(argv) else run_cli(job)
+
+
 # ---- ZeRO's layout, per rank ----------------------------------------------------------------
 def zero_share(numel: int, rank: int, world_size: int) -> tuple[int, int]:
     """(offset, real elements) of rank `rank` in a parameter of `numel` elements: ZeRO-3 pads the

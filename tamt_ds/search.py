@@ -338,13 +338,9 @@ def log_step(monitor: Monitor, step: int, masks, scheduler, window: dict, loader
 
 
 def main(argv=None) -> int:
-    from tamt_ds.errors import run_cli
-
     from tamt_ds import preflight
 
-    if preflight.requested(argv):  # checks the job for N ranks in this one process, then exits
-        return preflight.main("search", argv)
-    return run_cli(lambda: search(*parse_args(argv)))
+    return preflight.run_entry("search", lambda: search(*parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

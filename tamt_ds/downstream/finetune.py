@@ -214,13 +214,9 @@ def finetune(args: FinetuneArguments) -> dict:
 
 
 def main(argv=None) -> int:
-    from tamt_ds.errors import run_cli
-
     from tamt_ds import preflight
 
-    if preflight.requested(argv):  # checks the job for N ranks in this one process, then exits
-        return preflight.main("finetune", argv)
-    return run_cli(lambda: finetune(parse_args(argv)))
+    return preflight.run_entry("finetune", lambda: finetune(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":
