@@ -457,25 +457,14 @@ def report(args) -> int:
 
 
 # ---- GPU check summary (scripts/gpu_check.sh) -----------------------------------------------
-PEAK_BF16_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100": 989,
-                    "A100": 312, "L40S": 362, "L4": 121, "A10G": 125, "A10": 125}
-
-
 def peak_tflops(name: str) -> float | None:
+    """The GPU's dense bf16 peak: PEAK_TFLOPS where its name is not in tamt_ds.mfu's table."""
+    from tamt_ds import mfu
+
     if os.environ.get("PEAK_TFLOPS"):
         return float(os.environ["PEAK_TFLOPS"])
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-
-
-def search_flops_per_token(shape, seq: int) -> float:
-    """Model FLOPs of one TAMT-KD token: teacher forward + student forward + student backward
-    (activations and W*m gradients) = 4 forwards; a forward is 2 FLOPs per matmul weight plus
-    attention's 4 S h per layer (embeddings are lookups)."""
-    from tamt_ds import plan
-
-    tensors = plan.parameter_tensors(shape)
-    matmul = sum(v for k, v in tensors.items() if k.endswith(".weight") and "encoder.layer" in k and "LayerNorm" not in k)
-    return 4 * (2 * matmul + 4 * seq * shape.hidden * shape.layers)
+    peak = mfu.datasheet_peak(name, "bf16")
+    return None if peak is None else peak / 1e12
 
 
 def check_search_outputs(run: Path) -> list[str]:
@@ -526,7 +515,7 @@ def check_imp_outputs(level: Path, sparsity: float) -> list[str]:
 def gpu_summary(args) -> int:
     import torch
 
-    from tamt_ds import gpu_check, plan
+    from tamt_ds import gpu_check, mfu, plan
     from tamt_ds.models import model_config
 
     out = Path(args.out)
@@ -549,11 +538,10 @@ def gpu_summary(args) -> int:
     timed = max(rows, key=lambda r: r["step"])  # steps 21-30: warmed up, no threshold reset, eval or save inside
     tokens_per_s = timed["perf/tokens_per_s"]
     rank0_alloc = gpu_check.mib_to_gb(max(r.get("perf/gpu_max_allocated_mb", 0) for r in rows))
-    shape = plan.Shape.from_config(model_config(args.model))
-    flops = search_flops_per_token(shape, args.seq)
+    flops = mfu.search_flops_per_token(mfu.meta_model(model_config(args.model), "kd"), "kd", seq_len=args.seq)
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown GPU"
     peak = peak_tflops(name)
-    mfu = tokens_per_s * flops / (args.world_size * peak * 1e12) if peak else None
+    utilisation = tokens_per_s * flops / (args.world_size * peak * 1e12) if peak else None
     per_gpu, unreadable = {}, 0
     for phase in ("search", "finetune"):
         peaks, bad = gpu_check.memory_peaks_gb(_read(out / f"nvidia_smi_{phase}.csv"), args.gpus.split(","))
@@ -566,7 +554,7 @@ def gpu_summary(args) -> int:
                                              if torch.cuda.is_available() else None))
     summary = {"date": datetime.date.today().isoformat(), "device": f"{args.world_size} x {name}",
                "search_tokens_per_s": tokens_per_s, "model_flops_per_token": flops, "peak_tflops_bf16": peak,
-               "mfu": mfu, "rank0_max_allocated_gb": rank0_alloc, "per_gpu_peak_used_gb": per_gpu,
+               "mfu": utilisation, "rank0_max_allocated_gb": rank0_alloc, "per_gpu_peak_used_gb": per_gpu,
                "predicted_per_rank_gb": predicted.per_rank_gb, "predicted_parts_gb": predicted.as_dict()["parts"],
                "prediction_error": predicted.per_rank_gb / rank0_alloc - 1 if rank0_alloc else None,
                "verdict": predicted.verdict, "nvidia_smi_unreadable_samples": unreadable,
@@ -577,7 +565,7 @@ def gpu_summary(args) -> int:
           "| figure | value |", "| --- | --- |",
           f"| search tokens/s (all GPUs, steps 21-30) | {tokens_per_s:.0f} |",
           f"| model FLOPs per token (teacher fwd + student fwd + bwd) | {flops / 1e9:.2f} GFLOP |",
-          f"| MFU (vs {peak} TFLOPS bf16 per GPU) | {_fmt(mfu, '.1%')} |",
+          f"| MFU (vs {peak} TFLOPS bf16 per GPU) | {_fmt(utilisation, '.1%')} |",
           f"| rank 0 CUDA max allocated (search) | {rank0_alloc:.2f} GB |",
           f"| memory model's prediction (per rank) | {predicted.per_rank_gb:.2f} GB ({_fmt(summary['prediction_error'], '+.0%')}) |"]
     for phase, gpus in per_gpu.items():

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tamt_ds import checkpoint, engine as eng, sharding, zero
+from tamt_ds import checkpoint, engine as eng, mfu, sharding, zero
 from tamt_ds.cli import check_at_least, parse_arguments
 from tamt_ds.engine import to_device
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, \
@@ -52,7 +52,7 @@ from tamt_ds.masking import INIT_SCORE, TAMT_PATTERNS, MaskSet, attach_masks
 from tamt_ds.models import DEFAULT_MODEL, export_name, load_model, load_tokenizer, model_config
 from tamt_ds.monitor import Monitor, memory_mb
 from tamt_ds.objectives import compute_loss, mlm_accuracy
-from tamt_ds.search_cost import CostMeter, flops_per_token, read_cost, write_cost
+from tamt_ds.search_cost import CostMeter, read_cost, write_cost
 from tamt_ds.thresholds import Cut, bottom_k_cuts
 from tamt_ds.errors import InputError
 
@@ -286,7 +286,8 @@ def imp(args: IMPArguments, data: CorpusArguments) -> dict:
                                             world_size=world, seed=args.seed, mlm=True)
     done = finished_levels(args, all_levels) if args.resume else 0
     mask_file, head_state = None, None
-    meter = CostMeter(flops_per_token(model_config(args.model_name_or_path), data.max_seq_length, "imp"))
+    imp_model = mfu.meta_model(model_config(args.model_name_or_path), "imp")
+    meter = CostMeter(mfu.search_flops_per_token(imp_model, "imp", seq_len=data.max_seq_length))
     if done:  # continue after the last finished level: its mask, MLM head and data position
         last = level_dir(args.output_dir, all_levels[done - 1])
         mask_file = read_mask_file(os.path.join(last, "mask.pt"))

@@ -34,11 +34,17 @@ from tamt_ds import sharding
 
 # Dense peak TFLOP/s (NVIDIA datasheets, without structured sparsity), by device name;
 # the first name contained in torch.cuda.get_device_name() counts.
+# Matched case-insensitively, so the study's `gpu: {name: a100}` finds the same rows; a name
+# contained in another (L4 in L40S, A10 in A100) comes after it.
 GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H200", {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67}),
     ("H100 PCIe", {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51}),
     ("H100", {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67}),  # SXM
     ("A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
+    ("L40S", {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6}),
+    ("L4", {"bf16": 121, "fp16": 121, "tf32": 60, "fp32": 30.3}),
+    ("A10", {"bf16": 125, "fp16": 125, "tf32": 62.5, "fp32": 31.2}),
+    ("V100", {"fp16": 125, "fp32": 15.7}),  # no bf16
 )
 PROBE_SECONDS = 1.0
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -47,7 +53,55 @@ _ENCODER_LAYER = re.compile(r"layer\.\d+\.")
 
 def search_flops_per_token(model: nn.Module, objective: str, *, seq_len: int,
                            gradient_checkpointing: bool = False) -> float:
-    """Model FLOPs of one search step per token (see the module docstring)."""
+    """Model FLOPs of one search step per token (see the module docstring).  Also IMP's and
+    fine-tuning's (objective "imp" / "finetune": no teacher, every weight trains)."""
+    per_token, on_path, trained, recomputed = _linear_counts(model, seq_len)
+    forward = 2 * per_token + _attention(model.config, seq_len)
+    student = forward + 2 * on_path + 2 * _attention(model.config, seq_len) + 2 * trained
+    if gradient_checkpointing:
+        student += 2 * recomputed + _attention(model.config, seq_len)
+    teacher = forward if "kd" in objective else 0.0
+    return student + teacher
+
+
+def forward_flops_per_token(model: nn.Module, *, seq_len: int) -> float:
+    """Model FLOPs of one forward pass per token (evaluation)."""
+    return 2 * _linear_counts(model, seq_len)[0] + _attention(model.config, seq_len)
+
+
+def meta_model(config, job: str) -> nn.Module:
+    """The model a job trains, built from its config on the meta device (shapes, no memory):
+    for the FLOPs of jobs that are planned, not run (IMP's cost, the study's GPU-hours).  A
+    search trains its masked matrices (TAMT_PATTERNS) and MLM head, IMP ("imp") and
+    fine-tuning ("finetune") every weight; MLM jobs get the backbone's pooler as load_model
+    gives them."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    from tamt_ds.masking import TAMT_PATTERNS
+    from tamt_ds.models import backbone_of
+
+    with torch.device("meta"):
+        if job in ("kd", "finetune"):
+            model = AutoModel.from_config(config)
+        else:
+            model = AutoModelForMaskedLM.from_config(config)
+            backbone_of(model)[0].pooler = AutoModel.from_config(config).pooler
+    base = {id(p) for p in model.base_model.parameters()}
+    for p in model.parameters():  # as prepare_search: the MLM head trains, its decoder is the frozen embedding
+        p.requires_grad_(job in ("imp", "finetune") or id(p) not in base)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(re.search(p, name) for p in TAMT_PATTERNS):
+            module.weight.requires_grad_(True)  # stands for its mask score
+    return model
+
+
+def _attention(config, seq_len: int) -> float:
+    return 4 * config.num_hidden_layers * seq_len * config.hidden_size  # Q K^T and A V, forward, per token
+
+
+def _linear_counts(model: nn.Module, seq_len: int) -> tuple[float, float, float, float]:
+    """Weights of the Linear layers: every token passes (the pooler 1/s), on the loss's path,
+    trained (weight or mask score), and recomputed by gradient checkpointing (the encoder's)."""
     per_token = on_path = trained = recomputed = 0.0
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -63,29 +117,27 @@ def search_flops_per_token(model: nn.Module, objective: str, *, seq_len: int,
             trained += numel
         if _ENCODER_LAYER.search(name):
             recomputed += numel
-    config = model.config
-    attention = 4 * config.num_hidden_layers * seq_len * config.hidden_size  # forward, per token
-    forward = 2 * per_token + attention
-    student = forward + 2 * on_path + 2 * attention + 2 * trained
-    if gradient_checkpointing:
-        student += 2 * recomputed + attention
-    teacher = forward if "kd" in objective else 0.0
-    return student + teacher
+    return per_token, on_path, trained, recomputed
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """This device's peak FLOP/s in `dtype` (None for a GPU not in the table)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
         key = _DTYPE_NAMES.get(dtype, "fp32")
         if key == "fp32" and torch.backends.cuda.matmul.allow_tf32:
             key = "tf32"
-        for gpu, peaks in GPU_PEAK_TFLOPS:
-            if gpu in name:
-                return peaks[key] * 1e12
-        return None
+        return datasheet_peak(torch.cuda.get_device_name(device), key)
     if device.type == "cpu":
         return _cpu_probe(dtype, torch.get_num_threads())
+    return None
+
+
+def datasheet_peak(gpu_name: str, key: str) -> float | None:
+    """Dense peak FLOP/s of the first table row whose name `gpu_name` contains, in `key`
+    (bf16 / fp16 / tf32 / fp32); None for a GPU not in the table or a dtype it lacks."""
+    for gpu, peaks in GPU_PEAK_TFLOPS:
+        if gpu.lower() in gpu_name.lower():
+            return peaks[key] * 1e12 if key in peaks else None
     return None
 
 

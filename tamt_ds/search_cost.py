@@ -3,8 +3,8 @@
 A search (and each IMP level) writes `cost.json` next to its mask.pt; the study reads it
 for the search-budget axis (docs/study.md).  Tokens are the real (non-padding) tokens
 every rank read, summed; FLOPs are tokens x FLOPs per token (an analytic count, the same
-for every machine: a search's from its model, `mfu.search_flops_per_token`, the one its MFU uses;
-IMP's and the study's estimates from the config, `flops_per_token`, the same formula); device-seconds are the wall seconds of the training steps times
+for every machine: `mfu.search_flops_per_token`, the one the MFU uses, of the search's model,
+or of IMP's built from its config on the meta device); device-seconds are the wall seconds of the training steps times
 the number of ranks (loading, evaluation and export are not counted; measured, so they
 depend on the machine).  All three carry over a resume.
 """
@@ -17,30 +17,6 @@ import time
 from tamt_ds import sharding
 
 COST_FILE = "cost.json"
-
-# Forward-pass equivalents per token (a backward pass costs two forwards: activation and weight gradients)
-FORWARDS = {"kd": 4,  # teacher forward + student forward and backward
-            "mlm": 3,  # forward and backward through the MLM head
-            "mlm_kd": 4,  # one teacher forward, one student forward and backward, the head on top
-            "imp": 3}  # IMP's MLM training of every weight
-
-
-def forward_flops_per_token(config, seq_len: int, *, with_mlm_head: bool) -> float:
-    """FLOPs of one token's forward pass through a BERT-like encoder: 2 per multiply-add of every
-    weight matrix (4 attention matrices and 2 FFN matrices per layer; the MLM head's transform and
-    decoder when it is used) plus attention's scores and weighted sum (4 x seq_len x hidden per
-    layer).  Embedding look-ups, norms and softmax are left out (< 1% at these shapes)."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    per_layer = 4 * h * h + 2 * h * config.intermediate_size
-    head = h * h + h * config.vocab_size if with_mlm_head else 0
-    return 2.0 * (layers * per_layer + head) + layers * 4.0 * seq_len * h
-
-
-def flops_per_token(config, seq_len: int, objective: str) -> float:
-    """Forward-backward FLOPs of one training token of a search objective (kd, mlm, mlm_kd) or IMP (imp)."""
-    with_head = objective != "kd"
-    return FORWARDS[objective] * forward_flops_per_token(config, seq_len, with_mlm_head=with_head)
-
 
 class CostMeter:
     """Measures the training steps' wall time; reads tokens from the data loader's position

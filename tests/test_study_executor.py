@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -44,8 +43,8 @@ def test_paper_config_dry_run(name, tmp_path):
 
 
 def test_gpu_hours_closed_form():
-    """The IMP run's and a SQuAD fine-tune's GPU-hours equal FLOPs counted here from the parameter
-    counts (tamt_ds.plan) at the config's assumed throughput."""
+    """The IMP run's, a SQuAD fine-tune's and a KD search's GPU-hours equal FLOPs counted here
+    from the parameter counts (tamt_ds.plan) at the config's assumed throughput."""
     from tamt_ds.plan import Shape, parameter_tensors
     from tamt_ds.models import model_config
     from tamt_ds.study.config import load_config
@@ -59,18 +58,26 @@ def test_gpu_hours_closed_form():
     matmul = sum(n for k, n in t.items() if k.startswith("encoder.") and k.endswith("dense.weight")
                  or any(f"self.{m}.weight" in k for m in ("query", "key", "value")))
     assert matmul == 12 * (4 * 768 * 768 + 2 * 768 * 3072)
+    pooler = t["pooler.dense.weight"]  # one token of each sequence: 1/seq of a matrix per token
 
     def forward(seq):  # per token: 2 x matmul weights + QK^T and AV
-        return 2 * matmul + 12 * 4 * seq * 768
+        return 2 * (matmul + pooler / seq) + 12 * 4 * seq * 768
 
     rate = 312e12 * 3600
-    decoder = 2 * 768 * (768 + 30522)
-    imp = 9 * 2792 * 16 * 512 * 3 * (forward(512) + decoder)
+    head = 768 * 768 + 768 * 30522  # MLM transform + decoder
+    # a training token: forward, then activation gradients through every matrix on the loss's
+    # path, attention's two matmuls twice, and the trained weights' gradients (not the pooler's:
+    # no loss reads it)
+    per_token_imp = forward(512) + 2 * head + 2 * (matmul + head) + 2 * 12 * 4 * 512 * 768 + 2 * (matmul + head)
+    imp = 9 * 2792 * 16 * 512 * per_token_imp
     assert jobs["imp m1 (levels 0.1..0.9)"].gpu_hours == pytest.approx(imp / (rate * 0.2), rel=1e-9)
     steps = 2 * -(-87599 // 16)  # 2 epochs of batch 16
-    squad = 3 * (3 * steps * 16 + (1 + steps // 1000) * 10570) * 384 * forward(384)  # 3 seeds
+    per_token_ft = forward(384) + 2 * matmul + 2 * 12 * 4 * 384 * 768 + 2 * matmul
+    squad = 3 * (steps * 16 * per_token_ft + (1 + steps // 1000) * 10570 * forward(384)) * 384  # 3 seeds
     assert jobs["finetune omp_s0.7 on squad"].gpu_hours == pytest.approx(squad / (rate * 0.25), rel=1e-9)
-    kd = 16752 * 16 * 512 * 4 * forward(512)  # teacher + student forward + backward
+    # teacher forward + student forward + backward (the scores' gradients are weight gradients)
+    per_token_kd = 2 * forward(512) + 2 * matmul + 2 * 12 * 4 * 512 * 768 + 2 * matmul
+    kd = 16752 * 16 * 512 * per_token_kd
     assert jobs["search tamt-kd_s0.7_m2"].gpu_hours == pytest.approx(kd / (rate * 0.2), rel=1e-9)
     assert jobs["search tamt-kd_s0.7_m2"].nproc == 8 and jobs["finetune omp_s0.7 on squad"].nproc == 1
 

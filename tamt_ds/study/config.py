@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tamt_ds.errors import InputError
-from tamt_ds.study.cost import GPU_PEAK_TFLOPS, GpuAssumptions
+from tamt_ds.mfu import GPU_PEAK_TFLOPS
+from tamt_ds.study.cost import GpuAssumptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TAMT_METHODS = {"tamt-kd": "kd", "tamt-mlm": "mlm", "tamt-mlm_kd": "mlm_kd"}  # method -> search objective
@@ -288,8 +289,9 @@ def validate(cfg: StudyConfig) -> None:
         n = getattr(cfg, key)
         if n is not None and (n < 1 or (cfg.launcher == "python" and n != 1)):
             raise StudyError(f"{where}: {key} must be 1 with launcher python (use torchrun or deepspeed for more)")
-    if cfg.gpu is not None and cfg.gpu.name not in GPU_PEAK_TFLOPS:
-        raise StudyError(f"{where}: gpu: name {cfg.gpu.name!r} unknown: use one of {', '.join(GPU_PEAK_TFLOPS)}")
+    if cfg.gpu is not None and cfg.gpu.peak_flops is None:
+        raise StudyError(f"{where}: gpu: name {cfg.gpu.name!r} unknown: use one of "
+                         f"{', '.join(name.lower() for name, _ in GPU_PEAK_TFLOPS)}")
     if "imp" in cfg.methods:
         step = float(cfg.imp.get("prune_fraction", 0.1))
         off = [s for s in cfg.sparsities if not math.isclose(round(s / step) * step, s, abs_tol=1e-9)]

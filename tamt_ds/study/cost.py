@@ -1,15 +1,14 @@
 """Expected GPU-hours of a study's jobs, from FLOPs and an assumed GPU throughput.
 
-    job FLOPs = tokens x FLOPs per token (closed form from the model's config.json, as tamt_ds.plan counts
-                parameters) x passes, where a pass is one forward (backward = 2 forwards):
-        TAMT-KD search   4   teacher forward + student forward + backward (scores get dL/dW_eff * W,
-                             a weight-gradient matmul, so backward costs what a training backward costs)
-        TAMT-MLM search  3   + the MLM decoder (2 h V per token) in each pass; MLM+KD 4 + decoder
-        IMP              3   MLM training of every weight, + decoder
-        fine-tuning      3   examples x max_seq_length tokens (padded length: an upper bound), epochs,
-                             + one forward over the dev set per evaluation
-        evaluation       1   (KD: + the dense forward once) over the held-out blocks
-    GPU-hours = FLOPs / (GPUs x peak x MFU) / 3600, the peak and MFU from the config's `gpu` section.
+    job FLOPs = tokens x FLOPs per token, counted by tamt_ds.mfu (the count the searches' MFU
+                and cost.json use) on the job's model built from its config on the meta device:
+        TAMT search      teacher forward (KD) + student forward + backward through the masked layers
+        IMP              MLM training of every weight, the MLM head included
+        fine-tuning      training of every weight over examples x max_seq_length tokens (padded
+                         length: an upper bound), + one forward over the dev set per evaluation
+        evaluation       one forward (KD: + the dense forward once) over the held-out blocks
+    GPU-hours = FLOPs / (GPUs x peak x MFU) / 3600, the peak from mfu's datasheet table (bf16,
+    fp16 where a GPU has no bf16) and the MFU from the config's `gpu` section.
 
 The MFU defaults are assumptions, not measurements: 0.35 of the dense bf16 peak for a
 ZeRO-3 search on 8 GPUs at 512 tokens (gathers overlap with compute) and 0.25 for
@@ -20,8 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, SXM parts)
-GPU_PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "v100": 125.0, "l40s": 362.0}
+from tamt_ds import mfu
 
 # train / dev examples (GLUE: nyu-mll/glue; MNLI dev = matched + mismatched; SQuAD v1.1: rajpurkar/squad,
 # questions -- a 384-token window with stride 128 gives ~1% more features, not counted)
@@ -33,67 +31,60 @@ TASK_SIZES = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "
 @dataclass
 class GpuAssumptions:
     """A study's `gpu` section: the GPU and the fractions of its peak the jobs are assumed to reach."""
-    name: str = "a100"  # a key of GPU_PEAK_TFLOPS
+    name: str = "a100"  # a row of tamt_ds.mfu.GPU_PEAK_TFLOPS, any case
     search_mfu: float = 0.35
     finetune_mfu: float = 0.25
 
     @property
-    def peak_flops(self) -> float:
-        return GPU_PEAK_TFLOPS[self.name] * 1e12
+    def peak_flops(self) -> float | None:
+        return mfu.datasheet_peak(self.name, "bf16") or mfu.datasheet_peak(self.name, "fp16")
 
 
-@dataclass(frozen=True)
-class ModelFlops:
-    """Forward FLOPs per token of a BERT/RoBERTa backbone: 2 x every matmul weight + attention."""
-    hidden: int
-    layers: int
-    intermediate: int
-    vocab: int
+class JobFlops:
+    """FLOPs per token of each kind of job on one model, from its config (no hub for the
+    configs the project ships)."""
 
-    @classmethod
-    def of(cls, model: str) -> "ModelFlops":
+    def __init__(self, model: str):
         from tamt_ds.models import RANDOM_PREFIX, SHIPPED_CONFIGS, model_config
 
         shipped = SHIPPED_CONFIGS / f"{model.rstrip('/').split('/')[-1]}.json"
-        config = model_config(RANDOM_PREFIX + shipped.stem if shipped.is_file() else model)  # no hub for known ones
-        return cls(config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size)
+        self.config = model_config(RANDOM_PREFIX + shipped.stem if shipped.is_file() else model)
+        self._models = {}
+
+    def _model(self, job: str):
+        if job not in self._models:
+            self._models[job] = mfu.meta_model(self.config, job)
+        return self._models[job]
+
+    def training(self, job: str, seq_len: int) -> float:
+        """Per token of a search (kd / mlm / mlm_kd), IMP ("imp") or fine-tuning ("finetune")."""
+        return mfu.search_flops_per_token(self._model(job), job, seq_len=seq_len)
 
     def forward(self, seq_len: int) -> float:
-        h, i = self.hidden, self.intermediate
-        per_layer = 2 * (4 * h * h + 2 * h * i) + 4 * seq_len * h  # the 6 matrices; QK^T and AV
-        return self.layers * per_layer
-
-    def decoder(self) -> float:
-        return 2 * self.hidden * (self.hidden + self.vocab)  # MLM head transform + tied decoder
+        return mfu.forward_flops_per_token(self._model("kd"), seq_len=seq_len)
 
 
-PASSES = {"kd": 4, "mlm": 3, "mlm_kd": 4, "imp": 3}
-
-
-def search_flops(m: ModelFlops, objective: str, steps: int, batch: int, seq_len: int) -> float:
+def search_flops(m: JobFlops, objective: str, steps: int, batch: int, seq_len: int) -> float:
     """A TAMT search (objective kd / mlm / mlm_kd) or IMP ("imp"), `batch` sequences a step (global)."""
-    per_token = PASSES[objective] * m.forward(seq_len)
-    if objective != "kd":
-        per_token += 3 * m.decoder()
-    return steps * batch * seq_len * per_token
+    return steps * batch * seq_len * m.training(objective, seq_len)
 
 
-def finetune_flops(m: ModelFlops, task: str, *, examples: int, seq_len: int, evaluations: int) -> float:
+def finetune_flops(m: JobFlops, task: str, *, examples: int, seq_len: int, evaluations: int) -> float:
     """One seed: `examples` trained on (steps x global batch), `evaluations` forwards over the dev set."""
     dev = TASK_SIZES.get(task, (0, 1_000))[1]
-    return (3 * examples + evaluations * dev) * seq_len * m.forward(seq_len)
+    return (examples * m.training("finetune", seq_len) + evaluations * dev * m.forward(seq_len)) * seq_len
 
 
-def gpu_hours(flops: float, mfu: float, gpu: GpuAssumptions) -> float:
+def gpu_hours(flops: float, utilisation: float, gpu: GpuAssumptions) -> float:
     """GPU-hours of a job of `flops` at `mfu` of each GPU's peak, on any number of GPUs (its wall
     hours are GPU-hours / GPUs)."""
-    return flops / (gpu.peak_flops * mfu) / 3600
+    return flops / (gpu.peak_flops * utilisation) / 3600
 
 
 def describe(gpu: GpuAssumptions) -> str:
-    return (f"assumed: {gpu.name.upper()} at {GPU_PEAK_TFLOPS[gpu.name]:g} TFLOP/s dense bf16 peak; searches and "
+    return (f"assumed: {gpu.name.upper()} at {gpu.peak_flops / 1e12:g} TFLOP/s dense bf16 peak; searches and "
             f"IMP at {gpu.search_mfu:.0%} of it, fine-tuning and evaluation at {gpu.finetune_mfu:.0%}; FLOPs = "
-            f"passes x (2 x matmul weights + attention) per token (tamt_ds/study/cost.py), fine-tuning at the "
+            f"the model's matmuls per token (tamt_ds/mfu.py), fine-tuning at the "
             f"padded length; GLUE / SQuAD sizes as published")
 
 
@@ -102,10 +93,10 @@ class StudyGpuHours:
 
     def __init__(self, cfg):  # a StudyConfig
         self.cfg, self.gpu = cfg, cfg.gpu
-        self.model = ModelFlops.of(cfg.model_name_or_path) if cfg.gpu else None
+        self.model = JobFlops(cfg.model_name_or_path) if cfg.gpu else None
 
-    def _hours(self, flops: float, mfu: float) -> float | None:
-        return gpu_hours(flops, mfu, self.gpu) if self.gpu else None
+    def _hours(self, flops: float, utilisation: float) -> float | None:
+        return gpu_hours(flops, utilisation, self.gpu) if self.gpu else None
 
     def search(self, objective: str, args: dict, steps: int) -> float | None:
         if not self.gpu:
