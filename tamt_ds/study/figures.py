@@ -46,9 +46,13 @@ def _metric_label(rows: list[dict], split: str) -> str:
     return f"{'test' if split == 'test' else 'dev'} {base} (%)"
 
 
-def suptitle(fig, text: str) -> None:
-    """The figure's title, wrapped to its width (a one-task or one-sparsity study is narrow)."""
-    fig.suptitle(textwrap.fill(text, width=max(40, int(fig.get_figwidth() * 11))), fontsize=11)
+def finish(fig, path: str, title: str, **savefig) -> str:
+    """Title the figure (wrapped to its width: a one-task or one-sparsity study is narrow), write
+    it to `path`, free it."""
+    fig.suptitle(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 11))), fontsize=11)
+    fig.savefig(path, dpi=110, **savefig)
+    _plt().close(fig)
+    return path
 
 
 def downstream_vs_sparsity(cfg: StudyConfig, rows: list[dict], split: str, path: str) -> str | None:
@@ -77,11 +81,8 @@ def downstream_vs_sparsity(cfg: StudyConfig, rows: list[dict], split: str, path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
     n_runs = max((r["n"] for r in rows), default=0)
-    suptitle(fig, f"Downstream score against sparsity ({cfg.model_name_or_path}); mean ± std over {n_runs} runs "
-              f"(fine-tuning seeds x mask seeds)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, path, f"Downstream score against sparsity ({cfg.model_name_or_path}); mean ± std over {n_runs} runs "
+                  f"(fine-tuning seeds x mask seeds)")
 
 
 def downstream_vs_loss(cfg: StudyConfig, points: list[dict], corr: list[dict], loss: str, split: str,
@@ -112,11 +113,8 @@ def downstream_vs_loss(cfg: StudyConfig, points: list[dict], corr: list[dict], l
         ax.set_ylabel(f"average {_metric_label(rows, split)} over tasks")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower left")
-    suptitle(fig, f"Downstream score against pre-training {loss.replace('_', ' ')}: one point per mask, "
-              f"error bars = std over fine-tuning seeds")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, path, f"Downstream score against pre-training {loss.replace('_', ' ')}: one point per mask, "
+                  f"error bars = std over fine-tuning seeds")
 
 
 # ------------------------------------------------------------------- mask structure
@@ -192,11 +190,8 @@ def mask_overlap(cfg: StudyConfig, masks: dict[str, dict], sparsity: float, path
         ax.set_title(f"{a} vs {b}\nembeddings {extra.get('embeddings', float('nan')):.2f}, "
                      f"pooler {extra.get('pooler', float('nan')):.2f}", fontsize=9)
     fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="overlap of kept weights |A ∩ B| / |A|")
-    suptitle(fig, f"Mask overlap between methods at sparsity {sparsity:g} (two independent random masks: "
-              f"≈ {1 - sparsity:.2f}; identical masks: 1)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return finish(fig, path, f"Mask overlap between methods at sparsity {sparsity:g} (two independent random masks: "
+                  f"≈ {1 - sparsity:.2f}; identical masks: 1)", bbox_inches="tight")
 
 
 def sparsity_profile(cfg: StudyConfig, collected: list[dict], path: str) -> str | None:
@@ -243,11 +238,8 @@ def sparsity_profile(cfg: StudyConfig, collected: list[dict], path: str) -> str 
         axes[0][col].set_title(f"sparsity {s:g}: per-layer sparsity")
         axes[0][col].set_ylim(max(0.0, s - 0.1), min(1.0, s + 0.1))
         axes[1][col].set_title(f"sparsity {s:g}: distance from OMP per layer")
-    suptitle(fig, "Per-layer sparsity profile of each mask (per-matrix thresholds keep every matrix at the target) "
-              "and where masks depart from magnitude pruning")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, path, "Per-layer sparsity profile of each mask (per-matrix thresholds keep every matrix at the target) "
+                  "and where masks depart from magnitude pruning")
 
 
 def draw_all(cfg: StudyConfig, collected, rows, points, corr, split: str) -> list[str]:
@@ -310,11 +302,8 @@ def search_efficiency(cfg: StudyConfig, rows: list[dict], split: str, path: str)
             ax.set_title(f"sparsity {s:g}: {task}" if task else f"sparsity {s:g}: held-out KD loss")
             ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7, loc="best")
-    suptitle(fig, f"Search efficiency ({cfg.model_name_or_path}): TAMT masks taken along one search, IMP at "
+    return finish(fig, path, f"Search efficiency ({cfg.model_name_or_path}): TAMT masks taken along one search, IMP at "
                   f"several prune intervals; mean ± std over fine-tuning seeds x mask seeds")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _per_seed(row: dict, n_seeds: int) -> np.ndarray:
@@ -375,11 +364,8 @@ def data_scarcity(cfg: StudyConfig, rows: list[dict], split: str, path: str) -> 
             diff.set_title(f"sparsity {s:g}: {task}, TAMT minus baseline")
             score.legend(fontsize=7, loc="best")
             diff.legend(fontsize=7, loc="best")
-    suptitle(fig, f"Data scarcity ({cfg.model_name_or_path}): every mask fine-tuned on the same seeded subsets of N "
+    return finish(fig, path, f"Data scarcity ({cfg.model_name_or_path}): every mask fine-tuned on the same seeded subsets of N "
                   f"train examples; error bars = std over {n_seeds} fine-tuning seed(s)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def draw_axes(cfg: StudyConfig, rows: list[dict], split: str) -> list[str]:
