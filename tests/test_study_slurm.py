@@ -90,23 +90,28 @@ class FakeSlurm:
         self.listed: set[str] = set()  # what the last squeue showed
         self.submitted: list[str] = []  # job names, in order
         self.jobs: dict[str, object] = {}
+        self.logs: dict[str, str] = {}
 
     def submit(self, script: str) -> str:
-        name = re.search(r"--job-name=(\S+)", open(script).read()).group(1)
+        text = open(script).read()
+        name = re.search(r"--job-name=(\S+)", text).group(1)
+        self.logs[name] = re.search(r"--output=(\S+)", text).group(1)
         self.submitted.append(name)
         self.running[name] = str(len(self.submitted) + 100)
         return self.running[name]
 
     def queued(self, prefix: str):
         for name in self.listed:
-            del self.running[name]
             short = name.removeprefix(prefix).rsplit("-", 1)[0]
             if self.fail.get(short, 0) > 0:
                 self.fail[short] -= 1
+                with open(self.logs[name], "a") as f:
+                    f.write(f"slurmstepd-n01: error: *** JOB {self.running[name]} ON n01 CANCELLED AT 2026-12-05 ***\n")
             else:
                 for out in self.jobs[name].outputs:
                     with open(out, "w") as f:
                         f.write("{}")
+            del self.running[name]
         self.listed = set(self.running)
         return {name: (job_id, "RUNNING") for name, job_id in self.running.items()}
 
@@ -135,8 +140,8 @@ def test_controller_waits_for_masks_and_resubmits_a_failed_job(tmp_path):
     executor.wait()
     # the search twice (its first job ended without the mask), then its two dependents, once each
     assert fake.submitted == [names["search"], names["search"], names["evaluate"], names["finetune"]]
-    assert any("ended without its results (no error line in its log): search; resubmitting (attempt 2 of 2)" in l
-               for l in lines), lines
+    assert any(l.endswith("job 101 ended without its results (*** JOB 101 ON n01 CANCELLED AT 2026-12-05 ***): "
+                          "search; resubmitting (attempt 2 of 2)") for l in lines), lines
     assert sum("ended with its results" in l for l in lines) == 3
     from tamt_ds.study.slurm import job_key
 

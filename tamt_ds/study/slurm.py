@@ -126,6 +126,17 @@ def parse_squeue(text: str, prefix: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def slurm_note(log: str) -> str | None:
+    """SLURM's own last word in a job's output: `*** JOB 12 ON n01 CANCELLED AT ... ***` (also DUE TO
+    TIME LIMIT, NODE FAILURE, PREEMPTION)."""
+    try:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            notes = [l[l.index("*** JOB"):] for l in f.read().splitlines()[-40:] if "*** JOB" in l]
+    except OSError:
+        return None
+    return notes[-1] if notes else None
+
+
 class SlurmExecutor:
     """The controller loop (module docstring).  `pending()` is the runner's plan, made again from
     the files each round; `say` prints one line; `slurm` and `sleep` are replaceable for tests."""
@@ -167,7 +178,7 @@ class SlurmExecutor:
                     given_up.append((job, log))
                     continue
                 if name in seen or self.attempts[key]:
-                    reason = log_error(log) or "no error line in its log"
+                    reason = log_error(log) or slurm_note(log) or "no error line in its log"
                     self.say(f"      job {seen[name][0] if name in seen else '?'} ended without its results "
                              f"({reason}): {job.name}; resubmitting (attempt {self.attempts[key] + 1} of {limit})")
                 job_id = self._submit(job, name, key, log)
