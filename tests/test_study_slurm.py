@@ -4,7 +4,8 @@ scontrol faked, tests/test_launch_multinode.py), starts the job's own command on
 the right ranks; the controller loop against a fake batch system submits a job once the mask it
 reads exists, resubmits one that ended without its results up to slurm.max_attempts, waits for a
 job an earlier controller submitted instead of submitting it twice, and stops in one line naming
-the job it gave up on; the config's executor and slurm section load, or fail in one line."""
+the job it gave up on; the config's executor and slurm section load, or fail in one line; every launcher a job runs takes
+node.sh's --dist_timeout."""
 import json
 import re
 import subprocess
@@ -229,3 +230,26 @@ def test_executor_config_loads(tmp_path):
     cfg = load_config(str(path))
     assert cfg.executor == "slurm" and cfg.slurm.partition == "a100" and cfg.slurm.max_attempts == 5
     assert cfg.slurm.gpus_per_node == 8 and load_config(str(ROOT / "studies" / "embedded.yaml")).executor == "local"
+
+
+def test_every_study_launcher_takes_node_sh_dist_timeout():
+    """launchers/slurm/node.sh passes --dist_timeout to every job's launcher: searches, IMP runs,
+    evaluations and fine-tunes all take it (IMP and evaluation did not), and refuse 0 in one line."""
+    from tamt_ds import evaluate_mask, imp, search
+    from tamt_ds.downstream.arguments import parse_args as finetune_args
+    from tamt_ds.errors import InputError
+
+    assert search.parse_args(["--dist_timeout", "30"])[0].dist_timeout == 30
+    assert finetune_args(["--task", "sst2", "--dist_timeout", "30"]).dist_timeout == 30
+    args, data = imp.parse_args(["--dist_timeout", "30"])
+    assert args.dist_timeout == 30
+    imp.validate(args, data)
+    args.dist_timeout = 0
+    with pytest.raises(InputError, match=r"^--dist_timeout must be at least 1, got 0"):
+        imp.validate(args, data)
+    args = evaluate_mask.parse_args(["--dist_timeout", "30"])
+    assert args.dist_timeout == 30
+    evaluate_mask.validate(args)
+    args.dist_timeout = 0
+    with pytest.raises(InputError, match=r"^--dist_timeout must be at least 1, got 0"):
+        evaluate_mask.validate(args)
