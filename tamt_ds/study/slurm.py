@@ -164,7 +164,7 @@ class SlurmExecutor:
             for name, (job_id, job) in seen.items():
                 if name not in queued and name not in jobs:
                     self.say(f"      job {job_id} ended with its results: {job.stage}: {job.name}")
-            submitted, given_up = [], []
+            given_up = []
             for name, job in jobs.items():
                 if name in queued:
                     if name not in seen and not self.attempts[job_key(job)]:
@@ -184,7 +184,6 @@ class SlurmExecutor:
                 job_id = self._submit(job, name, key, log)
                 self.attempts[key] += 1
                 queued[name] = (job_id, "PENDING")
-                submitted.append(name)
             seen = {name: (queued[name][0], job) for name, job in jobs.items() if name in queued}
             if not jobs:
                 return
