@@ -253,3 +253,18 @@ def test_every_study_launcher_takes_node_sh_dist_timeout():
     args.dist_timeout = 0
     with pytest.raises(InputError, match=r"^--dist_timeout must be at least 1, got 0"):
         evaluate_mask.validate(args)
+
+
+def test_executor_on_the_command_line(tmp_path, capsys, monkeypatch):
+    """--executor slurm overrides the config's executor and is checked like it: a study whose searches
+    do not fill whole nodes is refused in one line (exit code 2) before anything is written."""
+    from tamt_ds.study.cli import main
+
+    monkeypatch.delenv("TAMT_DEBUG", raising=False)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"methods": ["omp"], "launcher": "torchrun", "nproc": 12,
+                                    "output_dir": str(tmp_path / "out")}))
+    assert main(["--config", str(path), "--executor", "slurm", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nproc 12 does not fill whole nodes of slurm.gpus_per_node 8" in err[0], err
+    assert not (tmp_path / "out").exists()
