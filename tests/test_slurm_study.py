@@ -98,6 +98,7 @@ def test_study_through_slurm_equals_local(tmp_path):
     again = first.wait_for(rf"^submitted job (?!{search_id}:)(\d+): masks: search").group(1)
     assert slurm.wait(Job(again, search.output)) == ("COMPLETED", "0:0"), search.text()[-6000:]
     assert "resumed from step" in search.text()
+    first.wait_for(rf"^      job {again} wrote its results: masks: search tamt-kd_s0.4_m1$")
 
     finetune_id = first.wait_for(r"^submitted job (\d+): finetune: ").group(1)
     finetune = Job(finetune_id, out / "logs" / "finetune_tamt-kd_s0.4_m1_on_single.log")
@@ -117,7 +118,8 @@ def test_study_through_slurm_equals_local(tmp_path):
     # what the cluster ran: the search twice (cancelled, then completed), the evaluation and fine-tune once
     names = {re.search(r"--job-name=(\S+)", p.read_text()).group(1) for p in (out / "slurm").glob("*.sbatch")}
     records = slurm.run("sacct", "-c", "-n", "-P", "-o", "JobID,JobName,State").stdout.split()
-    mine = {r.split("|")[0]: r.split("|")[2] for r in records if r.split("|")[1] in names}
+    mine = {r.split("|")[0]: r.split("|")[2] for r in records  # (a study at this path before: smaller ids)
+            if r.split("|")[1] in names and int(r.split("|")[0]) >= int(search_id)}
     assert sorted(mine.values()) == ["CANCELLED", "COMPLETED", "COMPLETED", "COMPLETED"], records
     assert mine[search_id] == "CANCELLED" and mine[finetune_id] == "COMPLETED"
 

@@ -82,13 +82,13 @@ def test_batch_script_runs_the_jobs_command_on_every_node(tmp_path):
 
 
 class FakeSlurm:
-    """A batch system in memory: a job is listed by one squeue, then ends before the next, writing its
-    results unless `fail` says how many of its attempts end without them (cancelled, crashed)."""
+    """A batch system in memory: a job is RUNNING for one squeue, then ends, writing its results unless
+    `fail` says how many of its attempts end without them (cancelled, crashed), and is COMPLETING for
+    one squeue more (its results already there, as SLURM lists a job until its processes are reaped)."""
 
     def __init__(self, fail: dict[str, int] | None = None):
         self.fail = dict(fail or {})
-        self.running: dict[str, str] = {}  # job name -> id
-        self.listed: set[str] = set()  # what the last squeue showed
+        self.state: dict[str, tuple[str, str]] = {}  # job name -> (id, state)
         self.submitted: list[str] = []  # job names, in order
         self.jobs: dict[str, object] = {}
         self.logs: dict[str, str] = {}
@@ -98,23 +98,27 @@ class FakeSlurm:
         name = re.search(r"--job-name=(\S+)", text).group(1)
         self.logs[name] = re.search(r"--output=(\S+)", text).group(1)
         self.submitted.append(name)
-        self.running[name] = str(len(self.submitted) + 100)
-        return self.running[name]
+        self.state[name] = (str(len(self.submitted) + 100), "PENDING")
+        return self.state[name][0]
 
     def queued(self, prefix: str):
-        for name in self.listed:
-            short = name.removeprefix(prefix).rsplit("-", 1)[0]
-            if self.fail.get(short, 0) > 0:
-                self.fail[short] -= 1
-                with open(self.logs[name], "a") as f:
-                    f.write(f"slurmstepd-n01: error: *** JOB {self.running[name]} ON n01 CANCELLED AT 2026-12-05 ***\n")
+        for name, (job_id, state) in list(self.state.items()):
+            if state == "COMPLETING":
+                del self.state[name]
+            elif state == "RUNNING":
+                self.state[name] = (job_id, "COMPLETING")
+                short = name.removeprefix(prefix).rsplit("-", 1)[0]
+                if self.fail.get(short, 0) > 0:
+                    self.fail[short] -= 1
+                    with open(self.logs[name], "a") as f:
+                        f.write(f"slurmstepd-n01: error: *** JOB {job_id} ON n01 CANCELLED AT 2026-12-05 ***\n")
+                else:
+                    for out in self.jobs[name].outputs:
+                        with open(out, "w") as f:
+                            f.write("{}")
             else:
-                for out in self.jobs[name].outputs:
-                    with open(out, "w") as f:
-                        f.write("{}")
-            del self.running[name]
-        self.listed = set(self.running)
-        return {name: (job_id, "RUNNING") for name, job_id in self.running.items()}
+                self.state[name] = (job_id, "RUNNING")
+        return dict(self.state)
 
 
 def controller(tmp_path, jobs, fake, **slurm):
@@ -143,7 +147,7 @@ def test_controller_waits_for_masks_and_resubmits_a_failed_job(tmp_path):
     assert fake.submitted == [names["search"], names["search"], names["evaluate"], names["finetune"]]
     assert any(l.endswith("job 101 ended without its results (*** JOB 101 ON n01 CANCELLED AT 2026-12-05 ***): "
                           "search; resubmitting (attempt 2 of 2)") for l in lines), lines
-    assert sum("ended with its results" in l for l in lines) == 3
+    assert sum("wrote its results" in l for l in lines) == 3
     from tamt_ds.study.slurm import job_key
 
     script = (tmp_path / "out" / "slurm" / f"{job_key(jobs[2])}.sbatch").read_text()  # what was submitted
@@ -155,10 +159,10 @@ def test_controller_attaches_to_a_job_an_earlier_run_submitted(tmp_path):
     jobs = [search, job(tmp_path, "finetune", needs=search.outputs)]
     fake = FakeSlurm()
     executor, lines, names = controller(tmp_path, jobs, fake)
-    fake.running = {names["search"]: "77"}  # queued by a controller that died
+    fake.state = {names["search"]: ("77", "PENDING")}  # queued by a controller that died
     executor.wait()
     assert fake.submitted == [names["finetune"]]  # the search was not submitted again
-    assert any(l.startswith("attached to job 77 (") and l.endswith("search") for l in lines), lines
+    assert any(l.startswith("attached to job 77 (RUNNING, ") and l.endswith("search") for l in lines), lines
 
 
 def test_controller_gives_up_after_max_attempts_and_finishes_the_rest(tmp_path):

@@ -162,8 +162,8 @@ class SlurmExecutor:
                 continue
             jobs = {self.prefix + job_key(j): j for j in self.pending()}
             for name, (job_id, job) in seen.items():
-                if name not in queued and name not in jobs:
-                    self.say(f"      job {job_id} ended with its results: {job.stage}: {job.name}")
+                if name not in jobs:  # (squeue may list it a while longer: COMPLETING)
+                    self.say(f"      job {job_id} wrote its results: {job.stage}: {job.name}")
             given_up = []
             for name, job in jobs.items():
                 if name in queued:
