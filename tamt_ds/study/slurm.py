@@ -177,9 +177,9 @@ class SlurmExecutor:
                 if self.attempts[key] >= limit:
                     given_up.append((job, log))
                     continue
-                if name in seen or self.attempts[key]:
+                if name in seen:  # queued last round, pending and gone now
                     reason = log_error(log) or slurm_note(log) or "no error line in its log"
-                    self.say(f"      job {seen[name][0] if name in seen else '?'} ended without its results "
+                    self.say(f"      job {seen[name][0]} ended without its results "
                              f"({reason}): {job.name}; resubmitting (attempt {self.attempts[key] + 1} of {limit})")
                 job_id = self._submit(job, name, key, log)
                 self.attempts[key] += 1
