@@ -111,7 +111,8 @@ class FakeSlurm:
                 if self.fail.get(short, 0) > 0:
                     self.fail[short] -= 1
                     with open(self.logs[name], "a") as f:
-                        f.write(f"slurmstepd-n01: error: *** JOB {job_id} ON n01 CANCELLED AT 2026-12-05 ***\n")
+                        f.write(f"slurmstepd-n01: error: *** JOB {job_id} ON n01 CANCELLED AT 2026-12-05 ***\n"
+                                + "search:  9%|  | 3/32\r" * 50 + "\nTraceback (most recent call last):\n" * 50)
                 else:
                     for out in self.jobs[name].outputs:
                         with open(out, "w") as f:

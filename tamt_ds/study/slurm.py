@@ -30,6 +30,7 @@ import getpass
 import hashlib
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -128,12 +129,14 @@ def parse_squeue(text: str, prefix: str) -> dict[str, tuple[str, str]]:
 
 def slurm_note(log: str) -> str | None:
     """SLURM's own last word in a job's output: `*** JOB 12 ON n01 CANCELLED AT ... ***` (also DUE TO
-    TIME LIMIT, NODE FAILURE, PREEMPTION)."""
+    TIME LIMIT, NODE FAILURE, PREEMPTION), wherever it is among the dying ranks' output at the end."""
     try:
-        with open(log, encoding="utf-8", errors="replace") as f:
-            notes = [l[l.index("*** JOB"):] for l in f.read().splitlines()[-40:] if "*** JOB" in l]
+        with open(log, "rb") as f:
+            f.seek(max(0, os.path.getsize(log) - (1 << 16)))
+            tail = f.read().decode("utf-8", errors="replace")
     except OSError:
         return None
+    notes = re.findall(r"\*\*\* JOB .*? \*\*\*", tail)
     return notes[-1] if notes else None
 
 
