@@ -59,6 +59,8 @@ class EvaluateMaskArguments:
     mlm_probability: float = 0.15
     seed: int = field(default=42, metadata={"help": "order of the blocks over ranks and the MLM corruption"})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (default: one for this machine)"})
+    dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
+        "help": "seconds a dead or frozen peer goes unnoticed before the run stops (launchers/slurm/node.sh sets it)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
@@ -91,7 +93,8 @@ def validate(args: EvaluateMaskArguments) -> list[MaskChoice]:
         given = getattr(args, name)
         if given is not None and len(given) != len(choices):
             raise EvaluateMaskError(f"--{name} names {len(given)} files for {len(choices)} masks: give one per --mask")
-    check_at_least(args, 1, ("eval_blocks", "max_seq_length", "per_device_eval_batch_size"), EvaluateMaskError)
+    check_at_least(args, 1, ("eval_blocks", "max_seq_length", "per_device_eval_batch_size", "dist_timeout"),
+                   EvaluateMaskError)
     if not 0.0 < args.mlm_probability <= 1.0:
         raise EvaluateMaskError(f"--mlm_probability must be in (0, 1], got {args.mlm_probability}: "
                                 f"pass e.g. --mlm_probability 0.15")
@@ -191,7 +194,7 @@ def measure(engine, masks: MaskSet, clean: list, teachers: list, corrupted: list
 def evaluate_masks(args: EvaluateMaskArguments) -> list[dict]:
     choices = validate(args)
     files = {c.path: read_mask_file(c.path) for c in choices if c.kind == "file"}
-    eng.init_distributed()
+    eng.init_distributed(args.dist_timeout)
     ds_config = eng.load_ds_config(args.deepspeed, micro_batch=args.per_device_eval_batch_size, grad_accum=1,
                                    grad_clip=1.0)
     with_head = has_pretrained_mlm_head(args.model_name_or_path)

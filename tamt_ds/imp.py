@@ -77,6 +77,8 @@ class IMPArguments:
     overwrite_output_dir: bool = False
     resume: bool = field(default=False, metadata={"help": "continue after the last finished level"})
     logging_steps: int = 10
+    dist_timeout: float = field(default=eng.DEFAULT_DIST_TIMEOUT_S, metadata={
+        "help": "seconds a dead or frozen peer goes unnoticed before the run stops (launchers/slurm/node.sh sets it)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
@@ -117,6 +119,7 @@ def validate(args: IMPArguments, data: CorpusArguments) -> list[float]:
     check_at_least(args, 1, ("prune_interval", "per_device_train_batch_size", "gradient_accumulation_steps",
                              "logging_steps"), IMPError)
     check_at_least(args, 0, ("warmup_steps", "learning_rate", "weight_decay", "max_grad_norm"), IMPError)
+    check_at_least(args, 1, ("dist_timeout",), IMPError)
     check_at_least(data, 1, ("max_seq_length",), IMPError)
     if not 0.0 < data.mlm_probability <= 1.0:
         raise IMPError(f"--mlm_probability must be in (0, 1], got {data.mlm_probability}: pass e.g. --mlm_probability 0.15")
@@ -275,7 +278,7 @@ def validation_mlm(engine, batches, device) -> dict[str, float]:
 def imp(args: IMPArguments, data: CorpusArguments) -> dict:
     all_levels = validate(args, data)
     check_output_dir(args)
-    eng.init_distributed()
+    eng.init_distributed(args.dist_timeout)
     ds_config = eng.load_ds_config(args.deepspeed, micro_batch=args.per_device_train_batch_size,
                                    grad_accum=args.gradient_accumulation_steps, grad_clip=args.max_grad_norm)
     tokenizer = load_tokenizer(args.model_name_or_path)

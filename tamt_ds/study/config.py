@@ -92,6 +92,21 @@ class TrainExamplesAxis:
 
 
 @dataclass
+class SlurmSettings:
+    """How `executor: slurm` asks for each job's allocation (tamt_ds/study/slurm.py, docs/study.md).
+    A job of `nproc` ranks gets nproc / gpus_per_node whole nodes (a search of nproc 32 on 8-GPU
+    nodes: 4 nodes), or one node with `nproc` GPUs when it needs fewer (a fine-tune: one GPU)."""
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    time: str | None = None  # each job's limit, e.g. "12:00:00" (None: the partition's); a job killed at it is resubmitted and resumes
+    gpus_per_node: int = 8  # 0: a cluster without GPUs (one node per job, its ranks on CPUs)
+    cpus_per_rank: int = 4  # CPUs asked per rank of a job that does not fill its nodes (one that does gets them all)
+    max_attempts: int = 3  # submissions of one job per controller run before the study gives up on it
+    poll_seconds: float = 30.0  # how often the controller asks squeue
+    sbatch_args: list[str] = field(default_factory=list)  # more sbatch options, e.g. ["--qos=high", "--mem=0"]
+
+
+@dataclass
 class StudyConfig:
     name: str = "study"
     output_dir: str = "outputs/study"
@@ -100,6 +115,8 @@ class StudyConfig:
     nproc: int = 1  # ranks (GPUs) of a search, IMP run or evaluation
     finetune_nproc: int | None = None  # ranks of a fine-tuning job (default: nproc); the paper's: 1 GPU each
     parallel_jobs: int = 1  # jobs of one stage run side by side (each with cores / parallel_jobs threads)
+    executor: str = "local"  # local (child processes of the study) | slurm (one sbatch allocation per job)
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
     deepspeed: str | None = None  # DeepSpeed config for every stage (default: the machine's)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
@@ -263,8 +280,10 @@ def load_config(path: str) -> StudyConfig:
     gpu = _build(GpuAssumptions, raw.pop("gpu"), f"{path}: gpu") if raw.get("gpu") is not None else None
     search_budget = _build(SearchBudgetAxis, raw.pop("search_budget", {}) or {}, f"{path}: search_budget")
     train_examples = _build(TrainExamplesAxis, raw.pop("train_examples", {}) or {}, f"{path}: train_examples")
+    slurm = _build(SlurmSettings, raw.pop("slurm", {}) or {}, f"{path}: slurm")
     cfg = _build(StudyConfig, raw, path)
     cfg.finetune, cfg.budget, cfg.gpu, cfg.source = finetune, budget, gpu, os.path.abspath(path)
+    cfg.slurm = slurm
     cfg.search_budget, cfg.train_examples = search_budget, train_examples
     validate(cfg)
     return cfg
@@ -285,6 +304,7 @@ def validate(cfg: StudyConfig) -> None:
         raise StudyError(f"{where}: launcher must be python, torchrun or deepspeed, got {cfg.launcher!r}")
     if cfg.parallel_jobs < 1:
         raise StudyError(f"{where}: parallel_jobs must be at least 1, got {cfg.parallel_jobs}")
+    validate_slurm(cfg, where)
     for key in ("nproc", "finetune_nproc"):
         n = getattr(cfg, key)
         if n is not None and (n < 1 or (cfg.launcher == "python" and n != 1)):
@@ -331,6 +351,27 @@ def validate(cfg: StudyConfig) -> None:
     if cfg.finetune.report_split not in ("test", "dev"):
         raise StudyError(f"{where}: finetune.report_split must be test or dev, got {cfg.finetune.report_split!r}")
     validate_axes(cfg, where)
+
+
+def validate_slurm(cfg: StudyConfig, where: str) -> None:
+    """The executor and its slurm section: whole numbers in range, jobs that fill whole nodes or fit in one."""
+    if cfg.executor not in ("local", "slurm"):
+        raise StudyError(f"{where}: executor must be local or slurm, got {cfg.executor!r}")
+    s = cfg.slurm
+    for name, low in (("gpus_per_node", 0), ("cpus_per_rank", 1), ("max_attempts", 1)):
+        value = getattr(s, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise StudyError(f"{where}: slurm.{name} must be a whole number >= {low}, got {value!r}")
+    if not isinstance(s.poll_seconds, (int, float)) or not s.poll_seconds > 0:
+        raise StudyError(f"{where}: slurm.poll_seconds must be a number > 0, got {s.poll_seconds!r}")
+    if not isinstance(s.sbatch_args, list) or not all(isinstance(a, str) for a in s.sbatch_args):
+        raise StudyError(f"{where}: slurm.sbatch_args must be a list of sbatch options, e.g. [\"--qos=high\"]")
+    if cfg.executor == "slurm" and s.gpus_per_node:
+        for key in ("nproc", "finetune_nproc"):
+            n = getattr(cfg, key)
+            if n is not None and n > s.gpus_per_node and n % s.gpus_per_node:
+                raise StudyError(f"{where}: {key} {n} does not fill whole nodes of slurm.gpus_per_node "
+                                 f"{s.gpus_per_node}: make it a multiple of {s.gpus_per_node} or at most that")
 
 
 def validate_axes(cfg: StudyConfig, where: str) -> None:

@@ -3,10 +3,9 @@
 A job is one command (a launcher and its arguments, `runner.command`) that writes its own
 result files, atomically, under the study's output_dir; the runner only reads those files
 to plan.  So an executor needs nothing from the controller but the command: the local one
-runs it as a child process, a batch-system one (SLURM: sbatch / submitit, one allocation
-of `job.nproc` GPUs per job, dependencies between stages, resubmission) can be plugged in
-behind the same two calls without touching the planning -- a later step, once the
-one-node SLURM test cluster exists (issue 17, section 5; docs/study.md, "Executors").
+runs it as a child process; the SLURM one (tamt_ds/study/slurm.py: one allocation per job,
+submitted once the masks it reads exist, resubmission) behind the same two calls
+(docs/study.md, "On SLURM").
 
     executor.submit(job)   # queue one job
     executor.wait()        # block until every submitted job ended; raise the first failure

@@ -41,6 +41,7 @@ class Job:
     outputs: list[str] = field(default_factory=list)  # what it writes (for the log line)
     nproc: int = 1  # ranks: one GPU each where there are GPUs
     gpu_hours: float | None = None  # expected, from FLOPs (the config's gpu section; tamt_ds/study/cost.py)
+    needs: list[str] = field(default_factory=list)  # mask files it reads: made by an earlier job (slurm: when to submit)
 
 
 # ------------------------------------------------------------------ where cells live
@@ -297,7 +298,8 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                         common_args(cfg) + ["--mask", *masks, "--output", *outputs, "--save_mask", *saves,
                                             "--mask_seed", str(key)] + cli(_eval_files(cfg)),
                         b.process_start_cpu_s + len(group) * b.eval_mask_cpu_s, len(group), outputs, cfg.nproc,
-                        hours.evaluate(len(group))))
+                        hours.evaluate(len(group)),
+                        [mask_path(cfg, c) for c in group if c.method not in (DENSE, "omp", "random")]))
 
     # finetune: one job per mask and task (all seeds), so that each task keeps its own protocol;
     # the longest first, so that the stage ends with short jobs side by side, not one long one alone
@@ -323,7 +325,7 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                                 + (["--overwrite_output_dir", "True"] if results[name] is not None else [])
                                 + cli(args),
                                 _finetune_cpu_s(cfg, name, task, n), 1, [out], finetune_nproc(cfg),
-                                hours.finetune(task, args)))
+                                hours.finetune(task, args), [p for p in [mask_path(cfg, cell)] if p]))
     jobs += sorted(finetune, key=lambda job: -job.cpu_s)
     return jobs, counts
 
@@ -449,13 +451,22 @@ def run_job(cfg: StudyConfig, job: Job, log_path: str, gpus: list[str] = ()) -> 
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = f.read().splitlines()[-40:]
-        errors = [l for l in tail if l.startswith("error:")]
-        print("\n".join(tail[-15:]), file=sys.stderr, flush=True)
-        reason = errors[-1] if errors else f"exit code {proc.returncode}"
+            print("\n".join(f.read().splitlines()[-15:]), file=sys.stderr, flush=True)
+        reason = log_error(log_path) or f"exit code {proc.returncode}"
         raise StudyError(f"{job.name} failed ({reason}); its log: {log_path}; fix it and rerun the study "
                          f"(finished cells are kept)")
     return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
+
+
+def log_error(log_path: str) -> str | None:
+    """The last `error: ...` line (the launchers' one-line errors) near the end of a job's log."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = f.read().splitlines()[-40:]
+    except OSError:
+        return None
+    errors = [l for l in tail if l.startswith("error:")]
+    return errors[-1] if errors else None
 
 
 def log_name(job: Job) -> str:
@@ -484,7 +495,8 @@ def _append_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: floa
 def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
     """Stage after stage, each through an executor (tamt_ds/study/executor.py: local child
     processes, `parallel_jobs` side by side, disjoint GPUs).  One line when a job starts (which,
-    how many left, the plan's estimate) and when it ends."""
+    how many left, the plan's estimate) and when it ends.  `executor: slurm`: every job in its
+    own allocation, each submitted once the masks it reads exist (tamt_ds/study/slurm.py)."""
     from tamt_ds.study.executor import Executor, LocalExecutor
 
     t_start, started, lock = time.perf_counter(), [0], threading.Lock()
@@ -493,6 +505,15 @@ def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
         with lock:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
+
+    if cfg.executor == "slurm":
+        from tamt_ds.study.slurm import SlurmExecutor
+
+        executor: Executor = SlurmExecutor(cfg, lambda: plan(cfg)[0], say)
+        for job in jobs:
+            executor.submit(job)
+        executor.wait()
+        return
 
     def one(job: Job, gpus: list[str]) -> None:
         with lock:
@@ -510,7 +531,7 @@ def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
         if not mine:
             continue
         t0 = time.perf_counter()
-        executor: Executor = LocalExecutor(cfg.parallel_jobs, one)  # stages in order: their only dependency
+        executor = LocalExecutor(cfg.parallel_jobs, one)  # stages in order: their only dependency
         for job in mine:
             executor.submit(job)
         executor.wait()

@@ -1,0 +1,218 @@
+"""`executor: slurm`: each job of a study in its own SLURM allocation, the controller a loop.
+
+A job is the runner's (runner.plan: a launcher and its arguments, its result files, the mask
+files it reads); here it becomes a batch script OUTPUT/slurm/<key>.sbatch that runs it as
+launchers/slurm/search.sbatch runs a search: one srun task per node (launchers/slurm/node.sh:
+torchrun with the node's rank), rank 0's address from SLURM (env.sh).  So a cell runs the same
+command under both executors; only the wrapper around it differs (runner.command: torchrun on
+this machine).
+
+The controller keeps no state of its own.  Every `poll_seconds` it
+
+    1. asks squeue which of the study's jobs are queued or running (their names carry the
+       study's tag and the job's key),
+    2. plans again from the result files (runner.plan: what is left),
+    3. submits each planned job that is neither queued nor running and whose inputs (the
+       mask it fine-tunes or evaluates) exist: the first time, or again after its job left
+       the queue without its results (failed, cancelled, timed out, node lost), at most
+       `max_attempts` times per controller run,
+
+and ends when nothing is left.  A job writes its results itself, atomically, so a controller
+that dies loses nothing: run again, it finds the finished cells done and the jobs still
+queued or running under their names, and waits for them instead of submitting them twice.
+Dependencies are the files: a fine-tune is submitted once its mask exists, whichever job
+wrote it.  squeue is asked before planning, so that a job ending in between is seen as done
+(or as pending and not queued: then it really ended without its results).
+"""
+from __future__ import annotations
+
+import getpass
+import hashlib
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from tamt_ds.study.config import REPO_ROOT, SlurmSettings, StudyConfig, StudyError
+
+
+@dataclass(frozen=True)
+class Allocation:
+    nodes: int
+    ranks_per_node: int
+    gpus_per_node: int  # 0: ranks on CPUs
+    exclusive: bool  # the job fills its nodes: all their CPUs and memory are its own
+
+
+def allocation(s: SlurmSettings, nproc: int) -> Allocation:
+    """Whole nodes for a job at least a node wide (a multi-node search), else part of one (a one-GPU fine-tune)."""
+    if not s.gpus_per_node:
+        return Allocation(1, nproc, 0, False)
+    nodes = math.ceil(nproc / s.gpus_per_node)
+    per_node = nproc // nodes
+    return Allocation(nodes, per_node, per_node, per_node == s.gpus_per_node)
+
+
+def study_tag(cfg: StudyConfig) -> str:
+    """Prefix of the study's SLURM job names: two studies' jobs never share a name."""
+    return "tamt-" + hashlib.sha1(cfg.out.encode()).hexdigest()[:8] + "-"
+
+
+def job_key(job) -> str:
+    """A job's name in SLURM and its script's file name: stable over controller runs (from what it
+    writes, not from arguments that change with what is already there, e.g. --overwrite_output_dir)."""
+    readable = "".join(c if c.isalnum() or c in "._-" else "_" for c in job.name)[:80]
+    return readable + "-" + hashlib.sha1("\n".join(job.outputs).encode()).hexdigest()[:8]
+
+
+def batch_script(cfg: StudyConfig, job, name: str, log: str) -> str:
+    """The job as an sbatch script (submittable by hand too: `sbatch OUTPUT/slurm/KEY.sbatch`)."""
+    s, a = cfg.slurm, allocation(cfg.slurm, job.nproc)
+    options = [f"--job-name={name}", f"--nodes={a.nodes}", "--ntasks-per-node=1", f"--output={log}",
+               "--open-mode=append"]  # a resubmitted job's output goes below its earlier attempts'
+    options += [f"--gpus-per-node={a.gpus_per_node}"] if a.gpus_per_node else []
+    options += ["--exclusive"] if a.exclusive else [f"--cpus-per-task={s.cpus_per_rank * a.ranks_per_node}"]
+    options += [f"--{key}={value}" for key, value in (("partition", s.partition), ("account", s.account),
+                                                       ("time", s.time)) if value]
+    options += s.sbatch_args
+    lines = ["#!/bin/bash", f"# study {cfg.name!r}: {job.stage}: {job.name} (tamt_ds/study/slurm.py)",
+             *(f"#SBATCH {o}" for o in options),
+             "set -euo pipefail",
+             f"cd {shlex.quote(str(REPO_ROOT))}",
+             # this interpreter, as the local executor's; the ranks per node: env.sh would count GPUs only
+             f"export PYTHON={shlex.quote(sys.executable)} NPROC_PER_NODE={a.ranks_per_node} "
+             "TOKENIZERS_PARALLELISM=false",
+             "source launchers/slurm/env.sh",
+             f'echo "$(date "+%F %T") job $SLURM_JOB_ID: {job.stage}: $NNODES node(s) x $NPROC_PER_NODE rank(s), '
+             f'rank 0 on $MASTER_ADDR:$MASTER_PORT"',
+             f'srun "${{SRUN_ARGS[@]}}" launchers/slurm/node.sh {shlex.join([job.script, *job.args])}']
+    return "\n".join(lines) + "\n"
+
+
+class Slurm:
+    """The batch system's clients, as subprocesses (SLURM_CONF and the rest from the environment)."""
+
+    def run(self, *cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    def submit(self, script: str) -> str:
+        proc = self.run("sbatch", "--parsable", script)
+        if proc.returncode != 0:
+            raise StudyError(f"sbatch {script} failed: {proc.stderr.strip() or proc.stdout.strip()}: fix the "
+                             f"study's slurm section (partition, account, time, gpus_per_node, sbatch_args)")
+        return proc.stdout.strip().split(";")[0]
+
+    def queued(self, prefix: str) -> dict[str, tuple[str, str]] | None:
+        """{job name: (job id, state)} of this user's jobs named `prefix`...; None when squeue did not
+        answer (a busy controller): then nothing may be taken as ended."""
+        try:
+            proc = self.run("squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%j")
+        except (subprocess.TimeoutExpired, OSError):
+            return None
+        return parse_squeue(proc.stdout, prefix) if proc.returncode == 0 else None
+
+
+def parse_squeue(text: str, prefix: str) -> dict[str, tuple[str, str]]:
+    out = {}
+    for line in text.splitlines():
+        job_id, state, name = line.strip().split("|", 2)
+        if name.startswith(prefix):
+            out[name] = (job_id, state)
+    return out
+
+
+def slurm_note(log: str) -> str | None:
+    """SLURM's own last word in a job's output: `*** JOB 12 ON n01 CANCELLED AT ... ***` (also DUE TO
+    TIME LIMIT, NODE FAILURE, PREEMPTION), wherever it is among the dying ranks' output at the end."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.path.getsize(log) - (1 << 16)))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    notes = re.findall(r"\*\*\* JOB .*? \*\*\*", tail)
+    return notes[-1] if notes else None
+
+
+class SlurmExecutor:
+    """The controller loop (module docstring).  `pending()` is the runner's plan, made again from
+    the files each round; `say` prints one line; `slurm` and `sleep` are replaceable for tests."""
+
+    def __init__(self, cfg: StudyConfig, pending: Callable[[], list], say: Callable[[str], None] = print,
+                 slurm: Slurm | None = None, sleep: Callable[[float], None] = time.sleep):
+        self.cfg, self.pending, self.say = cfg, pending, say
+        self.slurm, self.sleep = slurm or Slurm(), sleep
+        self.prefix = study_tag(cfg)
+        self.attempts: Counter[str] = Counter()  # submissions per job key, this controller run
+
+    def submit(self, job) -> None:
+        """Nothing to queue here: wait() plans again from the files (the Executor protocol's other half)."""
+
+    def wait(self) -> None:
+        from tamt_ds.study.runner import log_error, log_name
+
+        limit, seen = self.cfg.slurm.max_attempts, {}  # seen: name -> (id, job) queued last round
+        while True:
+            queued = self.slurm.queued(self.prefix)
+            if queued is None:
+                self.sleep(self.cfg.slurm.poll_seconds)
+                continue
+            jobs = {self.prefix + job_key(j): j for j in self.pending()}
+            for name, (job_id, job) in seen.items():
+                if name not in jobs:  # (squeue may list it a while longer: COMPLETING)
+                    self.say(f"      job {job_id} wrote its results: {job.stage}: {job.name}")
+            given_up = []
+            for name, job in jobs.items():
+                if name in queued:
+                    if name not in seen and not self.attempts[job_key(job)]:
+                        self.say(f"attached to job {queued[name][0]} ({queued[name][1]}, submitted by an earlier "
+                                 f"run): {job.stage}: {job.name}")
+                    continue
+                if not all(os.path.isfile(p) for p in job.needs):
+                    continue  # its mask is still being made
+                key, log = job_key(job), os.path.join(self.cfg.out, "logs", log_name(job))
+                if self.attempts[key] >= limit:
+                    given_up.append((job, log))
+                    continue
+                if name in seen:  # queued last round, pending and gone now
+                    reason = log_error(log) or slurm_note(log) or "no error line in its log"
+                    self.say(f"      job {seen[name][0]} ended without its results "
+                             f"({reason}): {job.name}; resubmitting (attempt {self.attempts[key] + 1} of {limit})")
+                job_id = self._submit(job, name, key, log)
+                self.attempts[key] += 1
+                queued[name] = (job_id, "PENDING")
+            seen = {name: (queued[name][0], job) for name, job in jobs.items() if name in queued}
+            if not jobs:
+                return
+            if not seen:  # nothing queued or running, nothing could be submitted: stuck
+                raise StudyError(self._stuck(jobs.values(), given_up))
+            self.sleep(self.cfg.slurm.poll_seconds)
+
+    def _submit(self, job, name: str, key: str, log: str) -> str:
+        from tamt_ds.checkpoint import atomic_write_text
+
+        script = os.path.join(self.cfg.out, "slurm", key + ".sbatch")
+        os.makedirs(os.path.dirname(script), exist_ok=True)
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        atomic_write_text(script, batch_script(self.cfg, job, name, log))
+        job_id = self.slurm.submit(script)
+        a = allocation(self.cfg.slurm, job.nproc)
+        self.say(f"submitted job {job_id}: {job.stage}: {job.name} ({a.nodes} node(s) x {a.ranks_per_node} "
+                 f"{'GPU(s)' if a.gpus_per_node else 'rank(s) on CPUs'}); log: {log}")
+        return job_id
+
+    def _stuck(self, jobs, given_up: list) -> str:
+        if given_up:
+            job, log = given_up[0]
+            return (f"{job.name} ended {self.cfg.slurm.max_attempts} time(s) without its results "
+                    f"(slurm.max_attempts) and {len(jobs) - 1} other job(s) are left; its log: {log}; fix it and "
+                    f"rerun the study (finished cells are kept)")
+        job = next(iter(jobs))
+        missing = [p for p in job.needs if not os.path.isfile(p)]
+        return f"{job.name} waits for {missing[0]}, which no job of the study writes: see {self.cfg.out}/logs"
