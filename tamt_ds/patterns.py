@@ -59,6 +59,16 @@ def parse_pattern(text: str) -> SparsityPattern:
                     f"(e.g. --sparsity_pattern 2:4)")
 
 
+def check_resume_pattern(saved: str, wanted: str, folder: str) -> None:
+    """A search resumes only with the pattern its checkpoint was searched with: its scores mean
+    nothing under another one (other shapes, or other groups).  Checkpoints from before patterns
+    existed were unstructured."""
+    if parse_pattern(saved) != parse_pattern(wanted):
+        raise MaskError(f"checkpoint {folder} was searched with --sparsity_pattern {saved}, this run asks for "
+                        f"{wanted}: resume with --sparsity_pattern {saved}, or start a new search with another "
+                        f"--output_dir (or --overwrite_output_dir)")
+
+
 # ---- N:M ----------------------------------------------------------------------------
 
 
