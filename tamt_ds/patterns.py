@@ -329,6 +329,14 @@ class StructuredMaskSet(MaskSet):
         return out
 
     @torch.no_grad()
+    def set_ranking(self, values: list[torch.Tensor]) -> None:
+        """Scores := `values` (per site, whole: one process, no ZeRO), cut by this pattern's rules."""
+        shards = [sharding.Shard(v, 0, v.numel()) for v in values]
+        for site, v, cut in zip(self.sites, values, self._cut(shards[0::2], shards[1::2], reduce=False)):
+            site.score.data.copy_(v)
+            site.module.mask_cut = cut
+
+    @torch.no_grad()
     def init_scores(self, method: str, *, seed: int = 0, mask_file: dict[str, torch.Tensor] | None = None) -> None:
         structures = None if mask_file is None else self._structures_of_file(mask_file, "mask file")
         self.init_args = {"method": method, "seed": seed, "mask_file": mask_file, "structures": structures}

@@ -92,12 +92,17 @@ class SearchArguments:
 def parse_args(argv=None) -> tuple[SearchArguments, CorpusArguments]:
     args, data = parse_arguments((SearchArguments, CorpusArguments), argv,
                                  defaults={"max_seq_length": SEARCH_MAX_SEQ_LENGTH})
+    return args, with_default_corpus(data)
+
+
+def with_default_corpus(data: CorpusArguments) -> CorpusArguments:
+    """The search's text where none is named: the shipped sample, mixed, with its held-out part."""
     if not data.train_files and not data.dataset_name:
         data.train_files = default_train_files()
         data.mix_weights = data.mix_weights or DEFAULT_MIX_WEIGHTS
         if not data.validation_files:
             data.validation_files = default_validation_files()
-    return args, data
+    return data
 
 
 class SearchError(InputError):
