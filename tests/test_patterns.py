@@ -278,3 +278,12 @@ def test_resuming_with_another_pattern_is_a_one_line_error_losing_nothing(search
     assert f"was searched with --sparsity_pattern {saved}, this run asks for {asked or 'unstructured'}" in err[0]
     assert f"resume with --sparsity_pattern {saved}" in err[0]
     assert _files(out) == before  # nothing written, nothing lost
+
+
+def test_imp_refuses_a_pattern_in_one_line(tmp_path, capsys):
+    from tamt_ds.imp import main
+
+    code = main(["--sparsity_pattern", "2:4", "--output_dir", str(tmp_path / "imp")])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "IMP has no --sparsity_pattern" in err[0], err
+    assert not (tmp_path / "imp").exists()
