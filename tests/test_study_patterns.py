@@ -68,9 +68,36 @@ def test_study_of_patterns(tiny_bert_dropout, tmp_path):
     ([{"name": "omp", "pattern": "2:4"}], "a method given as a mapping needs name (and may have sparsity_pattern)"),
     (["omp[2:4]", {"name": "omp", "sparsity_pattern": "2:4"}], "name each method and pattern once"),
 ])
-def test_bad_pattern_methods_one_line(tiny_bert, tmp_path, methods, message):
+def test_bad_pattern_methods_are_study_errors(tiny_bert, tmp_path, methods, message):
+    """load_config's StudyError (an InputError: launchers/study.py prints it as one line, exit 2, as
+    tests/test_study.py checks for the other config errors)."""
+    from tamt_ds.study.config import StudyError, load_config
+
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config(tmp_path, tiny_bert, methods=methods)))
-    proc = run_study(path, "--dry-run", timeout=300)
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    with pytest.raises(StudyError) as e:
+        load_config(str(path))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pattern_methods_plan_their_cells(tiny_bert, tmp_path):
+    """Labels, cell ids, N:M's own sparsity, and what each job is asked to do (no job run)."""
+    from tamt_ds.study.config import load_config, mask_cells
+    from tamt_ds.study.runner import plan
+
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path, tiny_bert, sparsities=[0.3, 0.6],
+                                          methods=[*METHODS, "omp", {"name": "random", "sparsity_pattern": "1:4"}])))
+    cfg = load_config(str(path))
+    assert cfg.methods == ["tamt-kd[2:4]", "omp[2:4]", "tamt-kd[structured]", "head_importance[structured]", "omp",
+                           "random[1:4]"]
+    assert [c.id for c in mask_cells(cfg)] == [
+        "tamt-kd_2-4_s0.5_m1", "omp_2-4_s0.5", "tamt-kd_structured_s0.3_m1", "tamt-kd_structured_s0.6_m1",
+        "head_importance_structured_s0.3_m1", "head_importance_structured_s0.6_m1", "omp_s0.3", "omp_s0.6",
+        "random_1-4_s0.75_m1"]
+    jobs, _ = plan(cfg)
+    searches = [j.args for j in jobs if j.stage == "masks"]
+    assert [a[a.index("--sparsity_pattern") + 1] for a in searches] == ["2:4", "structured", "structured"]
+    (evaluate,) = [j.args for j in jobs if j.stage == "evaluate"]
+    names = [n for n in evaluate[evaluate.index("--mask") + 1:evaluate.index("--output")] if not n.endswith("mask.pt")]
+    assert names == ["omp:2:4", "omp:0.3", "omp:0.6", "head_importance:0.3", "head_importance:0.6", "random:1:4"]
