@@ -1,7 +1,7 @@
 """The TAMT authors' structured baseline: attention heads and FFN neurons ranked by importance.
 
 Michel et al. 2019 ("Are Sixteen Heads Really Better than One?"): put a gate xi_s = 1 on every
-head (and, as the TAMT authors' code does, on every FFN neuron); the importance of s is
+head and on every FFN neuron (the structures the structured pattern prunes); the importance of s is
 
     I_s = sum over batches of | dL / d xi_s |
 

@@ -67,6 +67,7 @@ def test_study_of_patterns(tiny_bert_dropout, tmp_path):
     (["omp[2-4]"], "--sparsity_pattern '2-4': use unstructured, structured or N:M"),
     ([{"name": "omp", "pattern": "2:4"}], "a method given as a mapping needs name (and may have sparsity_pattern)"),
     (["omp[2:4]", {"name": "omp", "sparsity_pattern": "2:4"}], "name each method and pattern once"),
+    (None, "search: ['sparsity_pattern'] are set by the study for each cell"),
 ])
 def test_bad_pattern_methods_are_study_errors(tiny_bert, tmp_path, methods, message):
     """load_config's StudyError (an InputError: launchers/study.py prints it as one line, exit 2, as
@@ -74,7 +75,10 @@ def test_bad_pattern_methods_are_study_errors(tiny_bert, tmp_path, methods, mess
     from tamt_ds.study.config import StudyError, load_config
 
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(config(tmp_path, tiny_bert, methods=methods)))
+    cfg = config(tmp_path, tiny_bert, **({"methods": methods} if methods else {}))
+    if methods is None:  # a pattern for every search: the methods' entries say it, one cell each
+        cfg["search"]["sparsity_pattern"] = "2:4"
+    path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(StudyError) as e:
         load_config(str(path))
     assert message in str(e.value) and "\n" not in str(e.value)

@@ -361,7 +361,7 @@ def validate(cfg: StudyConfig) -> None:
                 raise StudyError(f"{where}: search: {key} is a per-sparsity mapping without a value for "
                                  f"{missing}: give one for every sparsity, e.g. {{0.5: 80, 0.9: 160}} (or a "
                                  f"per-method one, e.g. {{tamt-mlm: 5.0e-5, tamt-kd: 2.0e-5}})")
-    for section, reserved in (("search", ("objective", "sparsity", "seed", "output_dir", "resume")),
+    for section, reserved in (("search", ("objective", "sparsity", "seed", "output_dir", "resume", "sparsity_pattern")),
                               ("imp", ("max_sparsity", "seed", "output_dir", "resume")),
                               ("evaluate", ("mask", "output", "save_mask", "mask_seed"))):
         clash = [k for k in getattr(cfg, section) if k in reserved or k in ("model_name_or_path", "deepspeed")]
