@@ -155,6 +155,11 @@ class Found:
     def world_size(self) -> int:
         return self.meta["world_size"]
 
+    def saved_state(self) -> dict:
+        """The state the run saved with it (rank 0's copy, memory-mapped): to check settings before loading."""
+        return torch.load(os.path.join(self.folder, "rank0.pt"), map_location="cpu", mmap=True,
+                          weights_only=False)["state"]
+
 
 def _step_of(tag: str) -> int:
     return int(_TAG.match(tag).group(1))

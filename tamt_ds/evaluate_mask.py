@@ -31,6 +31,7 @@ from tamt_ds.maskfile import masks_for_model, read_mask_file, save_mask_file
 from tamt_ds.masking import TAMT_PATTERNS, MaskSet, attach_masks, parse_baseline
 from tamt_ds.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_path
 from tamt_ds.objectives import kd_loss_sum, mlm_accuracy, teacher_hidden_states
+from tamt_ds.pattern_baselines import BASELINE_KINDS, baseline_masks, parse_pattern_baseline
 from tamt_ds.errors import InputError
 
 
@@ -38,7 +39,8 @@ from tamt_ds.errors import InputError
 class EvaluateMaskArguments:
     mask: list[str] = field(default_factory=lambda: ["none"], metadata={
         "help": "one or more masks: a mask.pt (search, IMP, a file in the TAMT authors' layout), omp:S, "
-                "random:S, or none (the dense model)"})
+                "random:S, a baseline of a sparsity pattern (omp:N:M, random:N:M, omp:structured:S, "
+                "random:structured:S, head_importance:S; docs/patterns.md), or none (the dense model)"})
     output: list[str] | None = field(default=None, metadata={
         "help": "one JSON file per --mask (default: print only)"})
     save_mask: list[str] | None = field(default=None, metadata={
@@ -71,14 +73,18 @@ class EvaluateMaskError(InputError):
 @dataclass(frozen=True)
 class MaskChoice:
     text: str  # as given
-    kind: str  # file | omp | random | dense
+    kind: str  # file | omp | random | head_importance | dense
     sparsity: float = 0.0
     path: str | None = None
+    pattern: str | None = None  # a baseline of this sparsity pattern (pattern_baselines), built once as a mask file
 
 
 def parse_mask(text: str) -> MaskChoice:
     if text.lower() in ("none", "dense"):
         return MaskChoice(text, "dense")
+    of_pattern = parse_pattern_baseline(text)
+    if of_pattern is not None:
+        return MaskChoice(text, text.partition(":")[0], of_pattern[2], pattern=of_pattern[1])
     baseline = parse_baseline(text)
     if baseline is not None:
         return MaskChoice(text, *baseline)
@@ -160,8 +166,8 @@ def inference_engine(model, ds_config: dict):
 @torch.no_grad()
 def set_mask(masks: MaskSet, model, choice: MaskChoice, mask_file: dict | None, seed: int) -> None:
     """Make `choice` the masks' current mask (each rank writes its own score shards)."""
-    if choice.kind == "file":
-        file_masks = masks_for_model(mask_file, model, masks, choice.path)
+    if choice.kind == "file" or choice.pattern:
+        file_masks = masks_for_model(mask_file, model, masks, choice.text)
         masks.fix_counts(file_masks)  # exactly the file's mask, whatever its per-matrix counts
         masks.init_scores("file", mask_file=file_masks)
     else:
@@ -193,8 +199,13 @@ def measure(engine, masks: MaskSet, clean: list, teachers: list, corrupted: list
 
 def evaluate_masks(args: EvaluateMaskArguments) -> list[dict]:
     choices = validate(args)
-    files = {c.path: read_mask_file(c.path) for c in choices if c.kind == "file"}
+    files = {c.text: read_mask_file(c.path) for c in choices if c.kind == "file"}
     eng.init_distributed(args.dist_timeout)
+    for c in choices:  # same-pattern baselines: built once, on rank 0, as the mask files they are
+        if c.pattern:
+            built = baseline_masks(args.model_name_or_path, c.pattern, c.sparsity, BASELINE_KINDS[c.kind],
+                                   args.mask_seed) if sharding.rank() == 0 else None
+            files[c.text] = sharding.broadcast_object(built)
     ds_config = eng.load_ds_config(args.deepspeed, micro_batch=args.per_device_eval_batch_size, grad_accum=1,
                                    grad_clip=1.0)
     with_head = has_pretrained_mlm_head(args.model_name_or_path)
@@ -206,8 +217,8 @@ def evaluate_masks(args: EvaluateMaskArguments) -> list[dict]:
     for p in masks.scores:
         p.requires_grad_(False)
     for choice in choices:  # every mask file checked against the model before anything is computed
-        if choice.kind == "file":
-            masks_for_model(files[choice.path], model, masks, choice.path)
+        if choice.text in files:
+            masks_for_model(files[choice.text], model, masks, choice.text)
     engine = inference_engine(model, ds_config)
     engine.eval()
     device = engine.device
@@ -225,13 +236,14 @@ def evaluate_masks(args: EvaluateMaskArguments) -> list[dict]:
 
     results = []
     for i, choice in enumerate(choices):
-        set_mask(masks, model, choice, files.get(choice.path), args.mask_seed)
+        set_mask(masks, model, choice, files.get(choice.text), args.mask_seed)
         # ZeRO-3 may still hold gathered copies of parameters prefetched by the last forward,
         # made before the scores changed: release them so the forward sees the new mask.
         engine.empty_partition_cache()
         scores = measure(engine, masks, clean, teachers, corrupted, device)
-        result = {"mask": choice.text, "mask_kind": choice.kind, "mask_seed": args.mask_seed if choice.kind == "random"
-                  else None, "model": args.model_name_or_path, **scores,
+        result = {"mask": choice.text, "mask_kind": choice.kind, "mask_seed": args.mask_seed
+                  if choice.kind in ("random", "head_importance") else None, "sparsity_pattern": choice.pattern,
+                  "model": args.model_name_or_path, **scores,
                   "mlm_head": "pre-trained" if with_head else None,
                   "eval": {"files": data.validation_files, "dataset": args.eval_dataset_name,
                            "split": args.eval_split if args.eval_dataset_name else None,

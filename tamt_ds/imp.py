@@ -37,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -87,6 +88,10 @@ class IMPError(InputError):
 
 
 def parse_args(argv=None) -> tuple[IMPArguments, CorpusArguments]:
+    if any(a.split("=", 1)[0] == "--sparsity_pattern" for a in (sys.argv[1:] if argv is None else argv)):
+        raise IMPError("IMP has no --sparsity_pattern: it prunes a fraction of each matrix's weights per round, "
+                       "unstructured only; for N:M or structured masks use launchers/search.py --sparsity_pattern and "
+                       "the same-pattern baselines of python -m tamt_ds.pattern_baselines (docs/patterns.md)")
     args, data = parse_arguments((IMPArguments, CorpusArguments), argv)
     if not data.train_files and not data.dataset_name:
         data.train_files = default_train_files()

@@ -59,6 +59,16 @@ def parse_pattern(text: str) -> SparsityPattern:
                     f"(e.g. --sparsity_pattern 2:4)")
 
 
+def check_resume_pattern(saved: str, wanted: str, folder: str) -> None:
+    """A search resumes only with the pattern its checkpoint was searched with: its scores mean
+    nothing under another one (other shapes, or other groups).  Checkpoints from before patterns
+    existed were unstructured."""
+    if parse_pattern(saved) != parse_pattern(wanted):
+        raise MaskError(f"checkpoint {folder} was searched with --sparsity_pattern {saved}, this run asks for "
+                        f"{wanted}: resume with --sparsity_pattern {saved}, or start a new search with another "
+                        f"--output_dir (or --overwrite_output_dir)")
+
+
 # ---- N:M ----------------------------------------------------------------------------
 
 
@@ -317,6 +327,14 @@ class StructuredMaskSet(MaskSet):
             shard = sharding.local_shard(site.score)
             out.append(cut.keep(v.values)[shard.offset:shard.offset + shard.values.numel()].to(shard.values.device))
         return out
+
+    @torch.no_grad()
+    def set_ranking(self, values: list[torch.Tensor]) -> None:
+        """Scores := `values` (per site, whole: one process, no ZeRO), cut by this pattern's rules."""
+        shards = [sharding.Shard(v, 0, v.numel()) for v in values]
+        for site, v, cut in zip(self.sites, values, self._cut(shards[0::2], shards[1::2], reduce=False)):
+            site.score.data.copy_(v)
+            site.module.mask_cut = cut
 
     @torch.no_grad()
     def init_scores(self, method: str, *, seed: int = 0, mask_file: dict[str, torch.Tensor] | None = None) -> None:

@@ -28,7 +28,7 @@ from tamt_ds.masking import TAMT_PATTERNS, check_settings
 from tamt_ds.mfu import SearchMFU
 from tamt_ds.models import DEFAULT_MODEL, enable_gradient_checkpointing, load_model, load_tokenizer, random_weights_note
 from tamt_ds.monitor import Monitor, memory_mb
-from tamt_ds.patterns import parse_pattern, prepare_pattern_search
+from tamt_ds.patterns import check_resume_pattern, parse_pattern, prepare_pattern_search
 from tamt_ds.objectives import OBJECTIVES, compute_loss, kd_loss_sum, mlm_accuracy, teacher_hidden_states
 from tamt_ds.search_cost import CostMeter, write_cost
 
@@ -92,12 +92,17 @@ class SearchArguments:
 def parse_args(argv=None) -> tuple[SearchArguments, CorpusArguments]:
     args, data = parse_arguments((SearchArguments, CorpusArguments), argv,
                                  defaults={"max_seq_length": SEARCH_MAX_SEQ_LENGTH})
+    return args, with_default_corpus(data)
+
+
+def with_default_corpus(data: CorpusArguments) -> CorpusArguments:
+    """The search's text where none is named: the shipped sample, mixed, with its held-out part."""
     if not data.train_files and not data.dataset_name:
         data.train_files = default_train_files()
         data.mix_weights = data.mix_weights or DEFAULT_MIX_WEIGHTS
         if not data.validation_files:
             data.validation_files = default_validation_files()
-    return args, data
+    return data
 
 
 class SearchError(InputError):
@@ -207,6 +212,9 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
     model_id = checkpoint.model_fingerprint(args.model_name_or_path)
     ckpt_root = os.path.join(args.output_dir, "checkpoints")
     resume_from = checkpoint.find(ckpt_root, model_id) if args.resume else None
+    if resume_from is not None:
+        check_resume_pattern(resume_from.saved_state().get("sparsity_pattern", "unstructured"),
+                             args.sparsity_pattern, resume_from.folder)
     masks, trainable = prepare_pattern_search(model, pattern=parse_pattern(args.sparsity_pattern),
                                               sparsity=args.sparsity, patterns=args.mask_patterns,
                                               scope=args.threshold_scope, init=args.mask_init, seed=args.seed,
@@ -285,7 +293,8 @@ def search(args: SearchArguments, data: CorpusArguments) -> dict:
             # The live thresholds, not reset here: a save must not change the search (a run
             # saved every 7 steps and one saved every 1000 end with the same mask), and a
             # resume goes on with exactly the thresholds the run had.
-            checkpoint.save(engine, ckpt_root, step, {"cuts": masks.cuts(), "device_seconds": meter.device_seconds},
+            checkpoint.save(engine, ckpt_root, step, {"cuts": masks.cuts(), "device_seconds": meter.device_seconds,
+                                                     "sparsity_pattern": args.sparsity_pattern},
                             data=loader.state_dict(), model=model_id, keep=args.save_total_limit)
             meter.start()
 

@@ -130,3 +130,34 @@ def test_bad_input_one_line(tiny_bert, tmp_path, extra, message):
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+def test_same_pattern_baselines_at_two_ranks(tiny_bert_mlm, tmp_path):
+    """omp:2:4, random:structured:S and head_importance:S are built once (rank 0) as the mask files
+    pattern_baselines writes, and evaluated like a mask file: against plain transformers."""
+    from tamt_ds.pattern_baselines import baseline_masks
+    from tests.test_head_importance import structures
+    from tests.test_patterns import check_nm
+
+    names = ["omp:2:4", "random:structured:0.5", "head_importance:0.5"]
+    outs = [tmp_path / f"{i}.json" for i in range(3)]
+    saved = [tmp_path / f"{i}.pt" for i in range(3)]
+    torchrun(LAUNCHER, *common(tiny_bert_mlm, "--mask", *names, "--output", *outs, "--save_mask", *saved,
+                               "--mask_seed", "3"))
+    got = [json.loads(p.read_text()) for p in outs]
+    masks = [torch.load(p, weights_only=True) for p in saved]
+    assert [g["sparsity_pattern"] for g in got] == ["2:4", "structured", "structured"]
+    assert [g["mask_kind"] for g in got] == ["omp", "random", "head_importance"]
+    for key, keep in masks[0].items():
+        if "word_embeddings" not in key:
+            check_nm(keep, 2, 4)
+    for expected, mask in zip((baseline_masks(tiny_bert_mlm, "2:4", 0.5, "magnitude"),
+                               baseline_masks(tiny_bert_mlm, "structured", 0.5, "random", seed=3)), masks):
+        assert mask.keys() == expected.keys() and all(torch.equal(mask[k], expected[k]) for k in mask)
+    for mask in masks[1:]:
+        kept = structures(mask, 2, 2)
+        assert sum(int(h.sum()) for h, _ in kept) == 2 and all(int(n.sum()) == 32 for _, n in kept)
+    for result, mask in zip(got, masks):
+        ref = reference(tiny_bert_mlm, mask)
+        for key in ("kd_loss", "mlm_loss", "mlm_accuracy"):
+            assert result[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (result["mask"], key)

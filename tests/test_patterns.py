@@ -253,3 +253,37 @@ def test_bad_pattern_settings_are_one_line_errors_writing_nothing(tiny_bert, tmp
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert code == 2 and len(err) == 1 and expect in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("searched, asked", [("structured", "2:4"), ("2_4", "1:4"), ("2_4", None)])
+def test_resuming_with_another_pattern_is_a_one_line_error_losing_nothing(searches, tiny_bert, tmp_path, capsys,
+                                                                          searched, asked):
+    import shutil
+
+    from tamt_ds.search import main
+
+    out = tmp_path / searched
+    shutil.copytree(searches / searched, out)
+    before = _files(out)
+    code = main(["--model_name_or_path", tiny_bert, "--output_dir", str(out), "--deepspeed",
+                 str(ROOT / "ds_configs" / "zero3_cpu.json"), "--max_steps", "6", "--resume", "True",
+                 *(["--sparsity_pattern", asked] if asked else [])])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    saved = searched.replace("_", ":")
+    assert code == 2 and len(err) == 1, err
+    assert f"was searched with --sparsity_pattern {saved}, this run asks for {asked or 'unstructured'}" in err[0]
+    assert f"resume with --sparsity_pattern {saved}" in err[0]
+    assert _files(out) == before  # nothing written, nothing lost
+
+
+def test_imp_refuses_a_pattern_in_one_line(tmp_path, capsys):
+    from tamt_ds.imp import main
+
+    code = main(["--sparsity_pattern", "2:4", "--output_dir", str(tmp_path / "imp")])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "IMP has no --sparsity_pattern" in err[0], err
+    assert not (tmp_path / "imp").exists()

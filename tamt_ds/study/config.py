@@ -24,7 +24,8 @@ from tamt_ds.study.cost import GpuAssumptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TAMT_METHODS = {"tamt-kd": "kd", "tamt-mlm": "mlm", "tamt-mlm_kd": "mlm_kd"}  # method -> search objective
-METHODS = (*TAMT_METHODS, "imp", "omp", "random")
+METHODS = (*TAMT_METHODS, "imp", "omp", "random", "head_importance")
+BUILT_BASELINES = ("omp", "random", "head_importance")  # masks evaluate_mask builds (no search, no training)
 DENSE = "dense"
 
 
@@ -118,7 +119,9 @@ class StudyConfig:
     executor: str = "local"  # local (child processes of the study) | slurm (one sbatch allocation per job)
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     deepspeed: str | None = None  # DeepSpeed config for every stage (default: the machine's)
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    # a method, or a method with a sparsity pattern: {name: tamt-kd, sparsity_pattern: "2:4"}, also
+    # written tamt-kd[2:4] (docs/patterns.md); loaded as that label
+    methods: list[Any] = field(default_factory=lambda: ["tamt-kd", "tamt-mlm", "tamt-mlm_kd", "imp", "omp", "random"])
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
     mask_seeds: list[int] = field(default_factory=lambda: [1])
     dense_reference: bool = True
@@ -149,7 +152,7 @@ class StudyConfig:
         args = {}
         for k, v in self.search.items():
             if _per_method(v):
-                v = v.get(method)
+                v = v.get(method, v.get(split_method(method)[0])) if method else None
             args[k] = _at_sparsity(v, sparsity) if isinstance(v, dict) else v
         args = {k: v for k, v in args.items() if v is not None}
         if self.search_budget.snapshot_steps and _has(self.budget_sparsities, sparsity):
@@ -195,35 +198,78 @@ class MaskCell:
     def id(self) -> str:
         if self.method == DENSE:
             return DENSE
-        budget = "" if self.budget is None else f"_step{self.budget}" if self.method in TAMT_METHODS \
+        budget = "" if self.budget is None else f"_step{self.budget}" if self.base in TAMT_METHODS \
             else f"_every{self.budget}"
-        return f"{self.method}_s{self.sparsity:g}" + (f"_m{self.seed}" if self.seed is not None else "") + budget
+        name, pattern = split_method(self.method)
+        name += "" if pattern == "unstructured" else "_" + pattern.replace(":", "-")
+        return f"{name}_s{self.sparsity:g}" + (f"_m{self.seed}" if self.seed is not None else "") + budget
+
+    @property
+    def base(self) -> str:
+        """The method without its sparsity pattern (tamt-kd for tamt-kd[2:4])."""
+        return split_method(self.method)[0]
 
     @property
     def label(self) -> str:
         return self.method if self.seed is None else f"{self.method} (mask seed {self.seed})"
 
 
+def split_method(label: str) -> tuple[str, str]:
+    """tamt-kd[2:4] -> (tamt-kd, 2:4); tamt-kd -> (tamt-kd, unstructured)."""
+    name, _, pattern = label.partition("[")
+    return name, pattern.removesuffix("]") or "unstructured"
+
+
+def method_label(entry, where: str = "study config") -> str:
+    """A methods entry (a name, name[pattern], or {name, sparsity_pattern}) as its label."""
+    if isinstance(entry, dict):
+        unknown = sorted(set(entry) - {"name", "sparsity_pattern"})
+        if unknown or not isinstance(entry.get("name"), str):
+            raise StudyError(f"{where}: a method given as a mapping needs name (and may have sparsity_pattern), got "
+                             f"{entry!r}: e.g. {{name: tamt-kd, sparsity_pattern: \"2:4\"}}")
+        name, pattern = entry["name"], str(entry.get("sparsity_pattern", "unstructured"))
+    elif isinstance(entry, str):
+        name, pattern = split_method(entry)
+    else:
+        raise StudyError(f"{where}: methods entries are names or {{name, sparsity_pattern}} mappings, got {entry!r}")
+    if name == "head_importance" and pattern == "unstructured":
+        pattern = "structured"  # the only pattern it has
+    return name if pattern == "unstructured" else f"{name}[{pattern}]"
+
+
+def pattern_sparsity(label: str) -> float | None:
+    """The sparsity an N:M method has whatever the study's sparsities (1 - N/M); None for the others."""
+    from tamt_ds.patterns import parse_pattern
+
+    pattern = parse_pattern(split_method(label)[1])
+    return 1.0 - pattern.n / pattern.m if pattern.kind == "n:m" else None
+
+
 def mask_cells(cfg: StudyConfig) -> list[MaskCell]:
     cells = [MaskCell(DENSE, 0.0, None)] if cfg.dense_reference else []
     for method in cfg.methods:
-        for s in cfg.sparsities:
-            seeds = [None] if method == "omp" else cfg.mask_seeds  # OMP is deterministic
+        fixed = pattern_sparsity(method)
+        for s in cfg.sparsities if fixed is None else [round(fixed, 10)]:
+            seeds = [None] if split_method(method)[0] == "omp" else cfg.mask_seeds  # OMP is deterministic
             cells += [MaskCell(method, s, seed) for seed in seeds]
     return cells
 
 
 def _per_method(value) -> bool:
-    """A {method: value} mapping, e.g. learning_rate: {tamt-mlm: 5.0e-5, tamt-kd: 2.0e-5}."""
-    return isinstance(value, dict) and bool(value) and all(k in TAMT_METHODS for k in value)
+    """A {method: value} mapping, e.g. learning_rate: {tamt-mlm: 5.0e-5, tamt-kd: 2.0e-5} (a method
+    with a pattern, tamt-kd[2:4], takes its own entry, else its method's)."""
+    return isinstance(value, dict) and bool(value) and all(split_method(str(k))[0] in TAMT_METHODS for k in value)
 
 
 def budget_cells(cfg: StudyConfig) -> list[MaskCell]:
     """The search-budget axis's masks: TAMT snapshots and IMP at other prune intervals."""
     axis, cells = cfg.search_budget, []
     for method in cfg.methods:
-        budgets = axis.snapshot_steps if method in TAMT_METHODS else axis.imp_prune_intervals if method == "imp" else []
-        cells += [MaskCell(method, s, seed, b) for s in cfg.budget_sparsities for seed in cfg.mask_seeds
+        base = split_method(method)[0]
+        budgets = axis.snapshot_steps if base in TAMT_METHODS else axis.imp_prune_intervals if method == "imp" else []
+        fixed = pattern_sparsity(method)
+        sparsities = cfg.budget_sparsities if fixed is None else [s for s in [round(fixed, 10)] if _has(cfg.budget_sparsities, s)]
+        cells += [MaskCell(method, s, seed, b) for s in sparsities for seed in cfg.mask_seeds
                   for b in sorted(budgets)]
     return cells
 
@@ -291,9 +337,15 @@ def load_config(path: str) -> StudyConfig:
 
 def validate(cfg: StudyConfig) -> None:
     where = cfg.source or "study config"
-    bad = [m for m in cfg.methods if m not in METHODS]
+    cfg.methods = [method_label(m, where) for m in cfg.methods]
+    bad = [m for m in cfg.methods if split_method(m)[0] not in METHODS]
     if bad or not cfg.methods:
         raise StudyError(f"{where}: unknown method(s) {bad}: use some of {', '.join(METHODS)}")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise StudyError(f"{where}: methods lists {cfg.methods}: name each method and pattern once")
+    validate_patterns(cfg, where)
+    if isinstance(cfg.train_examples.methods, list):
+        cfg.train_examples.methods = [m if m == DENSE else method_label(m, where) for m in cfg.train_examples.methods]
     if not cfg.sparsities or any(not (0.0 < s < 1.0) for s in cfg.sparsities):
         raise StudyError(f"{where}: sparsities must be numbers in (0, 1), got {cfg.sparsities}")
     if len(set(cfg.sparsities)) != len(cfg.sparsities) or len(set(cfg.mask_seeds)) != len(cfg.mask_seeds):
@@ -329,7 +381,7 @@ def validate(cfg: StudyConfig) -> None:
                 raise StudyError(f"{where}: search: {key} is a per-sparsity mapping without a value for "
                                  f"{missing}: give one for every sparsity, e.g. {{0.5: 80, 0.9: 160}} (or a "
                                  f"per-method one, e.g. {{tamt-mlm: 5.0e-5, tamt-kd: 2.0e-5}})")
-    for section, reserved in (("search", ("objective", "sparsity", "seed", "output_dir", "resume")),
+    for section, reserved in (("search", ("objective", "sparsity", "seed", "output_dir", "resume", "sparsity_pattern")),
                               ("imp", ("max_sparsity", "seed", "output_dir", "resume")),
                               ("evaluate", ("mask", "output", "save_mask", "mask_seed"))):
         clash = [k for k in getattr(cfg, section) if k in reserved or k in ("model_name_or_path", "deepspeed")]
@@ -374,6 +426,25 @@ def validate_slurm(cfg: StudyConfig, where: str) -> None:
                                  f"{s.gpus_per_node}: make it a multiple of {s.gpus_per_node} or at most that")
 
 
+def validate_patterns(cfg: StudyConfig, where: str) -> None:
+    """Each method's sparsity pattern exists and the method can make masks of it."""
+    from tamt_ds.patterns import parse_pattern
+
+    for label in cfg.methods:
+        name, pattern = split_method(label)
+        try:
+            kind = parse_pattern(pattern).kind
+        except InputError as e:
+            raise StudyError(f"{where}: method {label}: {e}") from None
+        if name == "imp" and kind != "unstructured":
+            raise StudyError(f"{where}: method {label}: IMP prunes a fraction of each matrix's weights per round, "
+                             f"unstructured only; compare patterns with tamt-* and omp / random / head_importance of "
+                             f"the pattern (docs/patterns.md)")
+        if name == "head_importance" and kind != "structured":
+            raise StudyError(f"{where}: method {label}: head_importance ranks heads and FFN neurons: use it with "
+                             f"sparsity_pattern structured")
+
+
 def validate_axes(cfg: StudyConfig, where: str) -> None:
     """The search_budget and train_examples sections: lists of the study's own sparsities, tasks and
     methods, positive counts, snapshot steps inside every search they apply to."""
@@ -394,7 +465,7 @@ def validate_axes(cfg: StudyConfig, where: str) -> None:
                                    or any(not (_has(known, v) if name == "sparsities" else v in known) for v in values)):
             raise StudyError(f"{where}: {section}.{name} must be a list of the study's {name} ({known}), got {values!r}")
     if sb.snapshot_steps:
-        if not any(m in TAMT_METHODS for m in cfg.methods):
+        if not any(split_method(m)[0] in TAMT_METHODS for m in cfg.methods):
             raise StudyError(f"{where}: search_budget.snapshot_steps needs a TAMT method in methods")
         for s in cfg.budget_sparsities:
             steps = int(cfg.search_args(s).get("max_steps", 270))  # 270: SearchArguments.max_steps

@@ -20,7 +20,7 @@ import textwrap
 
 import numpy as np
 
-from tamt_ds.study.config import DENSE, TAMT_METHODS, StudyConfig
+from tamt_ds.study.config import DENSE, TAMT_METHODS, StudyConfig, split_method
 from tamt_ds.study.report import AVERAGE
 from tamt_ds.study.runner import mask_path
 
@@ -273,7 +273,7 @@ def search_efficiency(cfg: StudyConfig, rows: list[dict], split: str, path: str)
         return None
     fig, axes = plt.subplots(len(sparsities), len(tasks) + 1, figsize=(4.6 * (len(tasks) + 1), 4.0 * len(sparsities)),
                              squeeze=False, layout="constrained")
-    searched = [m for m in cfg.methods if m in TAMT_METHODS or m == "imp"]
+    searched = [m for m in cfg.methods if split_method(m)[0] in TAMT_METHODS or m == "imp"]
     for i, s in enumerate(sparsities):
         for j, task in enumerate([*tasks, None]):
             ax = axes[i][j]
@@ -339,8 +339,9 @@ def data_scarcity(cfg: StudyConfig, rows: list[dict], split: str, path: str) -> 
                 x, y, e = zip(*pts)
                 score.errorbar(x, y, yerr=e, label=method, color=COLORS.get(method), marker=MARKERS.get(method, "o"),
                                capsize=3, linewidth=1.6, linestyle="--" if method == DENSE else "-")
-            for tamt in [m for m in by if m in TAMT_METHODS]:
-                for base, style in (("omp", "-"), ("imp", "--")):
+            for tamt in [m for m in by if split_method(m)[0] in TAMT_METHODS]:
+                pattern = split_method(tamt)[1]  # against the baselines of its own pattern
+                for base, style in ((f"omp[{pattern}]" if pattern != "unstructured" else "omp", "-"), ("imp", "--")):
                     if base not in by:
                         continue
                     pts = sorted((where[n], *(lambda d: (d.mean(), d.std(ddof=1) if n_seeds > 1 else 0.0))(

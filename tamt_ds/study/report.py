@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from tamt_ds.study.config import DENSE, TAMT_METHODS, MaskCell, StudyConfig, budget_cells, data_cells, mask_cells
+from tamt_ds.study.config import BUILT_BASELINES, DENSE, MaskCell, StudyConfig, budget_cells, data_cells, mask_cells
 from tamt_ds.study.runner import eval_path, finetune_results, mask_path, read_json
 
 AVERAGE = "average"
@@ -39,7 +39,7 @@ def search_cost(cfg: StudyConfig, cell: MaskCell) -> dict | None:
 
     if cell.method == DENSE:
         return None
-    if cell.method in ("omp", "random"):  # a sort of the weights or of noise: no training
+    if cell.base in BUILT_BASELINES:  # a sort of the weights, of noise or of gradients: no training
         return {"search_steps": 0, "search_tokens": 0, "search_flops": 0.0, "search_device_seconds": 0.0}
     return read_cost(os.path.dirname(mask_path(cfg, cell)))
 

@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 
 from tamt_ds.study import cost
-from tamt_ds.study.config import DENSE, REPO_ROOT, TAMT_METHODS, MaskCell, StudyConfig, StudyError, budget_cells, \
-    data_cells, mask_cells
+from tamt_ds.study.config import BUILT_BASELINES, DENSE, REPO_ROOT, TAMT_METHODS, MaskCell, StudyConfig, StudyError, \
+    budget_cells, data_cells, mask_cells, split_method
 
 
 @dataclass
@@ -67,7 +67,7 @@ def mask_path(cfg: StudyConfig, cell: MaskCell) -> str | None:
 
         main = MaskCell(cell.method, cell.sparsity, cell.seed)
         return os.path.join(snapshot_dir(search_dir(cfg, main), cell.budget), "mask.pt")
-    return os.path.join(search_dir(cfg, cell), "mask.pt")  # TAMT: the search's; OMP / random: written by evaluate
+    return os.path.join(search_dir(cfg, cell), "mask.pt")  # TAMT: the search's; OMP / random / ...: written by evaluate
 
 
 def eval_path(cfg: StudyConfig, cell: MaskCell) -> str:
@@ -244,15 +244,18 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
     # and prune interval, all levels)
     snapshots = budget_cells(cfg)
     for cell in cells:
-        if cell.method not in TAMT_METHODS:
+        if cell.base not in TAMT_METHODS:
             continue
         args = cfg.search_args(cell.sparsity, cell.method)
+        pattern = split_method(cell.method)[1]
+        if pattern != "unstructured":
+            args = {**args, "sparsity_pattern": pattern}
         # finished or started (a resumed search would go on with the new arguments from the old state)
         check_run_unchanged(cfg, search_dir(cfg, cell), args)
         mine = [cell] + [c for c in snapshots if (c.method, c.sparsity, c.seed) == (cell.method, cell.sparsity, cell.seed)]
         done = [count(os.path.isfile(mask_path(cfg, c))) for c in mine]
         if not all(done):
-            objective = TAMT_METHODS[cell.method]
+            objective = TAMT_METHODS[cell.base]
             steps = int(args.get("max_steps", 120))
             step_s = b.search_step_cpu_s if objective == "kd" else b.search_mlm_step_cpu_s
             jobs.append(Job("masks", f"search {cell.id}", "launchers/search.py",
@@ -271,28 +274,29 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
     # --mask_seed is one value per process: random masks of different seeds go to different jobs,
     # the other masks ride with the first.
     pending = []
-    for cell in cells + [c for c in snapshots if c.method in ("imp", *TAMT_METHODS)]:
-        file_missing = cell.method in ("omp", "random") and not os.path.isfile(mask_path(cfg, cell))
+    for cell in cells + [c for c in snapshots if c.base in ("imp", *TAMT_METHODS)]:
+        file_missing = cell.base in BUILT_BASELINES and not os.path.isfile(mask_path(cfg, cell))
         if not count(os.path.isfile(eval_path(cfg, cell)) and not file_missing):
             pending.append(cell)
     groups: dict[int, list[MaskCell]] = {}
     for cell in pending:
-        if cell.method == "random":
+        if cell.seed is not None and cell.base in BUILT_BASELINES:  # random, head_importance
             groups.setdefault(cell.seed, []).append(cell)
-    if any(c.method != "random" for c in pending):
+    seeded = {c for g in groups.values() for c in g}
+    if any(c not in seeded for c in pending):
         first = next(iter(groups), 0)
-        groups[first] = [c for c in pending if c.method != "random"] + groups.get(first, [])
+        groups[first] = [c for c in pending if c not in seeded] + groups.get(first, [])
     for key, group in groups.items():
         masks, outputs, saves = [], [], []
         for cell in group:
             if cell.method == DENSE:
                 masks.append("none")
-            elif cell.method in ("omp", "random"):
-                masks.append(f"{cell.method}:{cell.sparsity:g}")
+            elif cell.base in BUILT_BASELINES:
+                masks.append(baseline_name(cell))
             else:
                 masks.append(mask_path(cfg, cell))
             outputs.append(eval_path(cfg, cell))
-            saves.append(mask_path(cfg, cell) if cell.method in ("omp", "random") else "-")
+            saves.append(mask_path(cfg, cell) if cell.base in BUILT_BASELINES else "-")
         jobs.append(Job("evaluate", f"evaluate {len(group)} mask(s)",
                         "launchers/evaluate_mask.py",
                         common_args(cfg) + ["--mask", *masks, "--output", *outputs, "--save_mask", *saves,
@@ -328,6 +332,14 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                                 hours.finetune(task, args), [p for p in [mask_path(cfg, cell)] if p]))
     jobs += sorted(finetune, key=lambda job: -job.cpu_s)
     return jobs, counts
+
+
+def baseline_name(cell: MaskCell) -> str:
+    """evaluate_mask's name of a baseline cell: omp:S, random:2:4, omp:structured:S, head_importance:S."""
+    pattern = split_method(cell.method)[1]
+    if pattern == "unstructured" or cell.base == "head_importance":
+        return f"{cell.base}:{cell.sparsity:g}"
+    return f"{cell.base}:{pattern}" if ":" in pattern else f"{cell.base}:{pattern}:{cell.sparsity:g}"
 
 
 def imp_job(cfg: StudyConfig, seed: int, interval: int | None, sparsities: list[float], count,
