@@ -72,8 +72,9 @@ class _MaskedLinearFn(torch.autograd.Function):
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         keep = ctx.cut.keep(score)
         grad_x = grad_w = grad_b = grad_s = None
-        if need_x:
-            grad_x = grad_out.matmul(_apply(weight, keep))
+        if need_x:  # as one 2-D matmul: a non-contiguous grad_out (from attention's head split) made
+            # matmul broadcast W to [batch, in, out] and copy it
+            grad_x = grad_out.reshape(-1, grad_out.shape[-1]).mm(_apply(weight, keep)).view(*grad_out.shape[:-1], -1)
         if need_w or need_s:
             grad_eff = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
             grad_w = grad_eff * keep if need_w else None
