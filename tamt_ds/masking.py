@@ -44,9 +44,9 @@ _linear = torch._C._nn.linear
 
 
 def _apply(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """W * m in one pass (weight * keep first converts the bool mask to W's dtype); pruned
-    entries are +0 where the product gives -0 for negative weights, the same in every sum."""
-    return torch.where(keep, weight, 0)
+    """W * m, the bool mask promoted inside the multiply (one pass; on CPU 3x faster than
+    torch.where(keep, W, 0), docs/benchmarks.md); pruned negative weights give -0, the same in every sum."""
+    return weight * keep
 
 
 class _MaskedLinearFn(torch.autograd.Function):
