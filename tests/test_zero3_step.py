@@ -1,4 +1,4 @@
-"""The streamlined ZeRO-3 optimizer step (tamt_ds/zero3_step.py: the gradient norm without fp64
+"""The streamlined ZeRO-3 optimizer step (tamt_ds/zero.py, streamline_step: the gradient norm without fp64
 copies, the fp32 gradient cast once from the flat buffer) against DeepSpeed's own methods on the
 same gradients, on 1 and 2 real ranks, fp32 and bf16, several sub-groups.  That the whole search
 still trains exactly like the single-process reference is tests/test_zero3_core.py's."""

@@ -1,5 +1,5 @@
 """Runs under torchrun (ZeRO-3, gloo, persistence threshold 0): after one KD backward, the
-streamlined optimizer step (tamt_ds/zero3_step.py) against DeepSpeed's own methods on the same
+streamlined optimizer step (tamt_ds/zero.py, streamline_step) against DeepSpeed's own methods on the same
 gradients, per sub-group; then two whole steps.
 
 usage: zero3_step_worker.py MODEL_DIR OUT_FILE
@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from tamt_ds import engine as eng, sharding, zero3_step  # noqa: E402
+from tamt_ds import engine as eng, sharding, zero  # noqa: E402
 from tamt_ds.errors import exit_process, run_cli  # noqa: E402
 from tamt_ds.masking import prepare_search  # noqa: E402
 from tamt_ds.models import load_model  # noqa: E402
@@ -39,8 +39,8 @@ def check(model_dir: str, config: str) -> dict:
     engine, _ = eng.build_engine(model, cfg, params=params, lr=5e-3, weight_decay=0.0, total_steps=10)
     engine.train()
     opt = engine.optimizer
-    installed = (opt.get_grad_norm_direct.__func__ is zero3_step._grad_norm
-                 and opt._prepare_fp32_grad_for_sub_group.__func__ is zero3_step._prepare_fp32_grad)
+    installed = (opt.get_grad_norm_direct.__func__ is zero._grad_norm
+                 and opt._prepare_fp32_grad_for_sub_group.__func__ is zero._prepare_fp32_grad)
     kd_backward(engine, masks, model.config.vocab_size, 0)
     norms, grads_equal = [], []
     for i, params_i in enumerate(opt.fp16_groups):
