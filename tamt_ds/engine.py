@@ -255,6 +255,7 @@ def build_engine(model, cfg: dict, *, params, lr: float, weight_decay: float, to
 
     ds_cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     from tamt_ds import sharding
+    from tamt_ds.zero import streamline_step
 
     zero = ds_cfg.get("zero_optimization", {})
     if sharding.world_size() == 1 and zero.get("stage") == 3:
@@ -273,4 +274,5 @@ def build_engine(model, cfg: dict, *, params, lr: float, weight_decay: float, to
             scheduler = linear_decay(optimizer, total_steps, warmup_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
                                                    optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    streamline_step(engine)  # its optimizer step without two full-size copies of the gradients
     return engine, scheduler
