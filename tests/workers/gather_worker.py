@@ -3,10 +3,10 @@
 usage: gather_worker.py MODEL_DIR OUT_FILE STEPS [release|default]
 `release`: no reuse, no prefetch, so every module's forward and backward gathers what it uses
 and a phase's gathers are exactly its own; `default`: ds_configs/zero3_cpu.json as the search
-runs it (prefetch and reuse on), and between the KD steps the other orders of passes the
-project runs on one engine, each of which ZeRO-3's prefetch trace must survive: the search's
-held-out evaluation (teacher, student, per batch), and evaluate_mask's (every teacher pass,
-then every student pass).  Counted in ZeRO-3's parameter coordinator (each tensor it gathers,
+runs it (prefetch and reuse on), and before and between the KD steps the other orders of
+passes the project runs on one engine, each of which ZeRO-3's prefetch trace must survive:
+evaluate_mask's on the fresh engine (every teacher pass, then every student pass), and the
+search's held-out evaluation (teacher, student, per batch).  Counted in ZeRO-3's parameter coordinator (each tensor it gathers,
 by name: a score or not, and its full bytes), and by DeepSpeed's communication logging
 (`comms_logger`: all-gather message bytes).  Rank 0 writes, for the last KD step:
 {phase: {"names": [...], "bytes": int}} for teacher / student / backward,
@@ -103,18 +103,19 @@ def main():
         engine.step()
         per_step["invalidations"].append(invalidations[0])
 
-    for _ in range(steps):
-        kd_step()
+    held_out = [batch() for _ in range(3)]
     if mode == "default":
-        held_out = [batch() for _ in range(3)]
-        evaluate(engine, masks, held_out, engine.device, "kd")  # the search's evaluation
-        with torch.no_grad():  # evaluate_mask's: the dense model's passes first, then the mask's
+        with torch.no_grad():  # evaluate_mask's order on a fresh engine: every dense pass, then the mask's
             engine.eval()
             for b in held_out:
                 objectives.teacher_hidden_states(engine, masks, b)
             for b in held_out:
                 engine(**b, output_hidden_states=True)
             engine.train()
+    for _ in range(steps):
+        kd_step()
+    if mode == "default":
+        evaluate(engine, masks, held_out, engine.device, "kd")  # the search's evaluation
         for _ in range(steps):
             kd_step()
     comms = sum(size * record[0] for name, sizes in deepspeed.comm.comms_logger.comms_dict.items()
