@@ -6,8 +6,8 @@ whose forward computes the masked op: ZeRO-3 gathers a module's direct parameter
 its forward, so the score is gathered only when the mask is applied (the student pass and
 its backward), never for the KD teacher's pass (masks off: the child does not run).  Each
 module always has the same direct parameters, which ZeRO-3's prefetch trace requires (it
-lists a module's parameters once and replays them every step).  The mask itself is never stored: it is a
-function of the score and the module's `Cut` (tau plus a tie boundary, see
+lists a module's parameters once and replays them every step).  The mask itself is never
+stored: it is a function of the score and the module's `Cut` (tau plus a tie boundary, see
 thresholds.py), so the mask used in forward, the one counted for sparsity and the
 one exported agree exactly.  The masked forward keeps nothing weight-sized for
 backward (see _MaskedLinearFn).

@@ -7,8 +7,8 @@ runs it (prefetch and reuse on), and before and between the KD steps the other o
 passes the project runs on one engine, each of which ZeRO-3's prefetch trace must survive:
 evaluate_mask's on the fresh engine (every teacher pass, then every student pass), and the
 search's held-out evaluation (teacher, student, per batch).  Counted in ZeRO-3's parameter
-coordinator (each tensor it gathers, by name: a score or not, and its full bytes), and by DeepSpeed's communication logging
-(`comms_logger`: all-gather message bytes).  Rank 0 writes, for the last KD step:
+coordinator (each tensor it gathers, by name: a score or not, and its full bytes), and by
+DeepSpeed's communication logging (`comms_logger`: all-gather message bytes).  Rank 0 writes, for the last KD step:
 {phase: {"names": [...], "bytes": int}} for teacher / student / backward,
 "comms_allgather_bytes", "score_names" and "weight_names" (of the masked matrices), and for
 every KD step "invalidations" (of ZeRO-3's recorded trace during the step) and "replayed"
