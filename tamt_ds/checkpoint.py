@@ -43,7 +43,7 @@ import torch
 from tamt_ds import sharding, zero
 from tamt_ds.errors import InputError, disk_full
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: scores named <module>.mask.score (a module of their own), were <module>.mask_score
 COMPLETE = "complete.json"
 LATEST = "latest"
 _TAG = re.compile(r"^step(\d+)$")

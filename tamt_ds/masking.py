@@ -1,9 +1,13 @@
 """Binary masks over frozen weights for the search: W_eff = W * 1[S > tau], straight-through to S.
 
-Each masked Linear/Embedding gets one score tensor `mask_score`, registered on the
-same module as its `weight`, so ZeRO-3 partitions both the same way and gathers both
-for the module's forward and backward (not for the KD teacher's: see masks_disabled).  The mask itself is never stored: it is a
-function of the score and the module's `Cut` (tau plus a tie boundary, see
+Each masked Linear/Embedding gets one score tensor, partitioned by ZeRO-3 the same way
+as its `weight`, held by a child module of its own (`MaskScore`, at `<module>.mask.score`)
+whose forward computes the masked op: ZeRO-3 gathers a module's direct parameters before
+its forward, so the score is gathered only when the mask is applied (the student pass and
+its backward), never for the KD teacher's pass (masks off: the child does not run).  Each
+module always has the same direct parameters, which ZeRO-3's prefetch trace requires (it
+lists a module's parameters once and replays them every step).  The mask itself is never
+stored: it is a function of the score and the module's `Cut` (tau plus a tie boundary, see
 thresholds.py), so the mask used in forward, the one counted for sparsity and the
 one exported agree exactly.  The masked forward keeps nothing weight-sized for
 backward (see _MaskedLinearFn).
@@ -110,24 +114,57 @@ class _MaskedEmbeddingFn(torch.autograd.Function):
         return None, grad_w, grad_s, None, None
 
 
+class MaskScore(nn.Module):
+    """The score of one masked matrix, as the only parameter of a child of the masked module.
+
+    Its forward runs the parent's masked op with the score: ZeRO-3 gathers the score for
+    this call (and for its backward) alone, while the parent's own hooks gather the weight.
+    The input goes through this module, not around it, so that ZeRO-3 releases the score
+    once the input's gradient is computed."""
+
+    def __init__(self, score: nn.Parameter):
+        super().__init__()
+        self.score = score
+
+    def forward(self, x, masked_op):
+        return masked_op(x, self.score)
+
+
 class MaskedWeightMixin:
     mask_cut: Cut = KEEP_ALL
     mask_enabled: bool = True
+
+    @property
+    def mask_score(self) -> nn.Parameter:
+        return self.mask.score
+
+
+def attach_score(module: nn.Module, cls: type, score: nn.Parameter) -> None:
+    """Make `module` a `cls` (a MaskedWeightMixin) whose mask reads `score`, partitioned like its weight."""
+    module.__class__ = cls
+    module.mask = MaskScore(score)
+    sharding.partition_like(module.weight, [score])
 
 
 class MaskedLinear(MaskedWeightMixin, nn.Linear):
     def forward(self, x):
         if not self.mask_enabled:
             return _linear(x, self.weight, self.bias)
-        return _MaskedLinearFn.apply(x, self.weight, self.bias, self.mask_score, self.mask_cut)
+        return self.mask(x, self.masked_op)
+
+    def masked_op(self, x, score):
+        return _MaskedLinearFn.apply(x, self.weight, self.bias, score, self.mask_cut)
 
 
 class MaskedEmbedding(MaskedWeightMixin, nn.Embedding):
     def forward(self, ids):
         if not self.mask_enabled:
             return F.embedding(ids, self.weight, self.padding_idx)
+        return self.mask(ids, self.masked_op)
+
+    def masked_op(self, ids, score):
         padding_idx = -1 if self.padding_idx is None else self.padding_idx
-        return _MaskedEmbeddingFn.apply(ids, self.weight, self.mask_score, self.mask_cut, padding_idx)
+        return _MaskedEmbeddingFn.apply(ids, self.weight, score, self.mask_cut, padding_idx)
 
 
 _MASKED_CLASS = {nn.Linear: MaskedLinear, nn.Embedding: MaskedEmbedding}
@@ -372,10 +409,7 @@ def attach_masks(model: nn.Module, patterns: Iterable[str] = TAMT_PATTERNS, *, s
         if shape.numel() > MAX_MATRIX_NUMEL:
             raise MaskError(f"{name} has {shape.numel()} entries, more than the {MAX_MATRIX_NUMEL} a mask can hold: "
                             f"leave it out of --mask_patterns")
-        score = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
-        module.__class__ = cls
-        module.register_parameter("mask_score", score)
-        sharding.partition_like(w, [score])
+        attach_score(module, cls, nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device)))
         sites.append(MaskSite(name, module))
     if not sites:
         raise MaskError(f"no Linear/Embedding module of {type(model).__name__} matches the mask patterns "
@@ -411,7 +445,8 @@ def prepare_search(model: nn.Module, *, sparsity: float, patterns: Iterable[str]
 
 @contextlib.contextmanager
 def masks_disabled(masks: MaskSet):
-    """The dense model: the same frozen weights with masks bypassed (the KD teacher)."""
+    """The dense model: the same frozen weights with masks bypassed (the KD teacher); the
+    scores' modules do not run, so ZeRO-3 gathers none of them."""
     for s in masks:
         s.module.mask_enabled = False
     try:

@@ -1,13 +1,17 @@
 """Pre-training objectives for mask search: MLM, KD from the dense model, or both.
 
 Nothing here knows about ZeRO or ranks: the teacher is the same module with its
-masks bypassed (`masks_disabled`), so there is never a second copy of the model.
+masks bypassed (`masks_disabled`), so there is never a second copy of the model.  The
+student's forward after the teacher's runs in `zero.same_step` (ZeRO-3 sees one step).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
+from tamt_ds import zero
 from tamt_ds.masking import MaskSet, masks_disabled
 
 OBJECTIVES = ("mlm", "kd", "mlm_kd")
@@ -68,7 +72,8 @@ def compute_loss(objective: str, model, masks: MaskSet, batch) -> dict[str, torc
     kwargs = _backbone_kwargs(batch)
     if need_mlm:
         kwargs["labels"] = batch["labels"]
-    out = model(**kwargs, output_hidden_states=need_kd)
+    with zero.same_step(model) if need_kd else contextlib.nullcontext():
+        out = model(**kwargs, output_hidden_states=need_kd)
     terms = {}
     if need_mlm:
         terms["mlm_loss"] = out.loss

@@ -32,7 +32,7 @@ from torch import nn
 
 from tamt_ds import sharding
 from tamt_ds.masking import (INIT_SCORE, TAMT_PATTERNS, MaskedLinear, MaskError, MaskSet, MaskSite, attach_masks,
-                             check_settings, prepare_search)
+                             attach_score, check_settings, prepare_search)
 from tamt_ds.thresholds import Cut, bottom_k_cuts
 
 
@@ -212,7 +212,10 @@ class ColumnGatedLinear(MaskedLinear):
     def forward(self, x):
         if not self.mask_enabled:
             return F.linear(x, self.weight, self.bias)
-        return _ColumnGatedLinearFn.apply(x, self.weight, self.bias, self.mask_score, self.mask_cut)
+        return self.mask(x, self.masked_op)
+
+    def masked_op(self, x, score):
+        return _ColumnGatedLinearFn.apply(x, self.weight, self.bias, score, self.mask_cut)
 
 
 LAYER_PREFIX = re.compile(r"^(.*layer\.\d+\.)attention\.output\.dense$")
@@ -395,10 +398,7 @@ def attach_structured(model: nn.Module, sparsity: float) -> StructuredMaskSet:
                                  (prefix + "output.dense", model.config.intermediate_size)):
             target = model.get_submodule(site_name)
             w = target.weight
-            score = nn.Parameter(torch.zeros(count, dtype=w.dtype, device=w.device))
-            target.__class__ = ColumnGatedLinear
-            target.register_parameter("mask_score", score)
-            sharding.partition_like(w, [score])
+            attach_score(target, ColumnGatedLinear, nn.Parameter(torch.zeros(count, dtype=w.dtype, device=w.device)))
             sites.append(MaskSite(site_name, target))
         layers.append(StructuredLayer(prefix, *sites))
     if not layers:

@@ -21,8 +21,7 @@ P_t = trainable (scores + MLM head; every weight for a dense step), T = tokens p
                    measured on a 16x16 MaskedLinear / MaskedEmbedding (tamt_ds.masking) here
   mask statistics  what the MaskSet keeps per masked entry between steps (measured the same way)
   gather buffers   full weights + scores gathered at once (N > 1): the current module, the
-                   prefetch bucket and what DeepSpeed keeps for reuse (max_reuse_distance); with
-                   KD two modules (the teacher's no-grad forward leaves DeepSpeed no reusable trace)
+                   prefetch bucket and what DeepSpeed keeps for reuse (max_reuse_distance)
   step temporaries ~3 * (sub-group of P_t / N) * 4: Adam's and the norm's temporaries
   runtime          CPU only: Python, torch, transformers, DeepSpeed (measured, ~0.7 GB)
 
@@ -249,8 +248,7 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
     p_train = p_scores + head if search else p_all
     small = sum(v for v in tensors.values() if v <= zero.param_persistence_threshold)
     small += sum(v for v in masked.values() if v <= zero.param_persistence_threshold)
-    h, L, i, a, S = shape.hidden, shape.layers, shape.intermediate, shape.heads, inp.max_seq_length
-    T = inp.per_device_train_batch_size * S
+    L, S = shape.layers, inp.max_seq_length
     on_cpu = inp.device == "cpu"
     param_where = "host" if zero.offload_param and not on_cpu else "device"
     optim_where = "host" if zero.offload_optimizer and not on_cpu else "device"
@@ -287,16 +285,11 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
         add("masked weights", lin * per_lin + emb * per_emb + largest * b, "forward", "device",
             f"{per_lin:g} B per masked linear entry, {per_emb:g} per embedding entry (measured) + one layer's W*m")
     if n > 1:  # one rank: DeepSpeed's "gathered" parameter is its own partition, no copy
+        # KD too: teacher, student and backward are one ZeRO-3 step (zero.same_step), whose trace
+        # DeepSpeed replays with prefetch and reuse (docs/benchmarks.md, gathered bytes per KD step)
         largest_module = max(tensors.values()) * (2 if search else 1)  # weight (+ its score)
-        if "kd" in inp.objective and search:
-            # the teacher's no-grad forward releases everything it gathered at its end, and DeepSpeed's
-            # trace then never completes: no prefetch, no reuse; at the forward's end a layer's module
-            # and the next one are live
-            layer_module = 2 * max(v for k, v in tensors.items() if k.startswith("encoder.layer."))
-            gathered, formula = 2 * layer_module, "2 * largest layer module (weight + score) * b  (KD: no reuse)"
-        else:
-            gathered = min(p_all + p_scores, zero.max_reuse_distance + zero.prefetch_bucket_size + largest_module)
-            formula = "min(P_w + P_s, max_reuse_distance + prefetch_bucket_size + largest module) * b"
+        gathered = min(p_all + p_scores, zero.max_reuse_distance + zero.prefetch_bucket_size + largest_module)
+        formula = "min(P_w + P_s, max_reuse_distance + prefetch_bucket_size + largest module) * b"
         add("gather buffers", gathered * b, "forward", "device", formula)
     sub_group = min(zero.sub_group_size, p_train) / n
     add("step temporaries", STEP_TEMPORARIES * sub_group * 4, "step", optim_where,

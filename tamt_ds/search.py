@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tamt_ds import checkpoint, engine as eng, guards, sharding
+from tamt_ds import checkpoint, engine as eng, guards, sharding, zero
 from tamt_ds.cli import check_at_least, parse_arguments
 from tamt_ds.engine import to_device
 from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, default_train_files, \
@@ -173,8 +173,9 @@ def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
         for batch in batches:
             batch = to_device(batch, device)
             teacher = teacher_hidden_states(model, masks, batch)
-            student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            output_hidden_states=True)
+            with zero.same_step(model):  # as in a KD step: teacher, then student
+                student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                output_hidden_states=True)
             sums[0] += kd_loss_sum(student.hidden_states, teacher, batch["attention_mask"])
             sums[1] += batch["attention_mask"].sum()
             if "mlm" in objective:

@@ -12,6 +12,7 @@ tests/test_distributed_boundary.py fails if another module uses these names.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 
@@ -225,3 +226,27 @@ def adjacent_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
             return None
         offset += t.numel()
     return base.view(-1).narrow(0, start - base.storage_offset(), offset - start)
+
+
+@contextlib.contextmanager
+def same_step(model):
+    """Forward passes in this block continue the ZeRO-3 step that the last forward began.
+
+    ZeRO-3 begins a step at every forward of the engine's model: it records the order in
+    which modules fetch their parameters once, then replays it every step to prefetch (and
+    drops it, at the first module out of order).  A KD step runs two forwards, the teacher's
+    (masks off: the score modules do not run) and the student's; as two steps they would
+    alternate and each would drop the other's record, after prefetching for it.  Run as one
+    (teacher, student, backward), every KD step repeats the record.  A plain module (no
+    engine) has no record: nothing to do."""
+    optimizer = getattr(model, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)  # training engine / inference engine
+    coordinator = offload.get_param_coordinator() if hasattr(offload, "get_param_coordinator") else None
+    if coordinator is None:
+        yield
+        return
+    coordinator.reset_step = lambda: None  # shadows the method the model's forward pre-hook calls
+    try:
+        yield
+    finally:
+        del coordinator.reset_step

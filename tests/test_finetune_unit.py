@@ -22,7 +22,7 @@ def test_pruned_weights_stay_exactly_zero_under_adamw_with_weight_decay(tiny_ber
     model = tiny_classifier(tiny_bert, dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fixed = FixedMask.build(model, MaskSpec("omp", 0.5), None)
-    assert not any("mask_score" in n for n, _ in model.named_parameters())  # the plain model: nothing attached
+    assert not any("score" in n for n, _ in model.named_parameters())  # the plain model: nothing attached
     keep = {m.name: m.keep.view_as(m.weight) for m in fixed}
     assert len(keep) == 14
     for m in fixed:

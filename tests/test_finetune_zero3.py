@@ -164,7 +164,7 @@ def test_a_saved_models_load_with_plain_transformers_zeros_intact_and_trained(ru
         for seed in SEEDS:
             model = auto.from_pretrained(run_a["out"] / task_dir / f"model_seed{seed}")
             state = model.state_dict()
-            assert not any("mask_score" in k for k in state)
+            assert not any("score" in k for k in state)
             prefix = model.base_model_prefix + "."
             masked = [k for k in original if k.endswith(".weight") and original[k].dim() == 2
                       and "position" not in k and "token_type" not in k and prefix + k in state]

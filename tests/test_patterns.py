@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tamt_ds.errors import InputError
+from tamt_ds.masking import attach_score
 from tamt_ds.patterns import ColumnGatedLinear, nm_keep, parse_pattern
 from tamt_ds.thresholds import Cut
 from tests.cluster import search_args
@@ -50,8 +51,8 @@ def test_bad_pattern_is_an_input_error(text):
 
 def test_column_gated_linear_is_the_masked_linear_with_straight_through_scores():
     torch.manual_seed(0)
-    layer = ColumnGatedLinear(8, 3)
-    layer.register_parameter("mask_score", torch.nn.Parameter(torch.tensor([0.02, 0.0, 0.03, 0.01])))
+    layer = torch.nn.Linear(8, 3)
+    attach_score(layer, ColumnGatedLinear, torch.nn.Parameter(torch.tensor([0.02, 0.0, 0.03, 0.01])))
     layer.mask_cut = Cut(0.015)  # keeps structures 0 and 2, of 2 columns each
     x = torch.randn(2, 5, 8, requires_grad=True)
     out = layer(x)

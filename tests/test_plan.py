@@ -105,7 +105,9 @@ def test_terms_are_the_documented_formulas():
     assert parts["reduce bucket"] == pytest.approx(10_000 * 2)
     assert parts["masked weights"] == pytest.approx((p_s - emb) * 3 + emb * 1 + layer_max * 2)
     assert parts["mask statistics"] == pytest.approx(p_s * 2.0 / 4)
-    assert parts["gather buffers"] == pytest.approx(2 * (2 * layer_max) * 2)  # KD: 2 layer modules (W + S)
+    tensors = plan.parameter_tensors(SHAPE, pooler=True)  # KD too replays its trace: prefetch bucket + a module
+    assert parts["gather buffers"] == pytest.approx(min(sum(tensors.values()) + p_s,
+                                                        5_000 + 2 * max(tensors.values())) * 2)
     assert parts["step temporaries"] == pytest.approx(3 * p_s / 4 * 4)
     # the phases after the steps and before them (tamt_ds/export.py; the load) live in host memory
     where = {x.name: x.where for x in p.parts}

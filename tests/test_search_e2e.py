@@ -187,7 +187,7 @@ def test_checkpoints_hold_no_frozen_weights_and_only_the_newest_two(dropout_run)
     assert [f.name for f in files] == ["complete.json", "rank0.pt", "rank1.pt"]
     saved = [torch.load(f, weights_only=False) for f in files[1:]]
     names = set(saved[0]["params"])
-    assert names and all(n.endswith("mask_score") for n in names)  # trainable only: no frozen weight
+    assert names and all(n.endswith(".mask.score") for n in names)  # trainable only: no frozen weight
     scores = sum(saved[0]["params"][n]["numel"] for n in names)
     assert sum(s["params"][n]["fp32"].numel() for s in saved for n in names) == scores  # each element once
     # fp32 value + 2 Adam moments per score element, and little else
