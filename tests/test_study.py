@@ -377,6 +377,19 @@ def test_no_dev_or_test_input_of_the_tasks_in_the_upstream_sample():
             assert len(train & sample) > 0.5 * len(train)  # the check can fail: train inputs are there
 
 
+
+def test_embedded_study_plan_fits_its_hour(tmp_path):
+    """`make study`'s printed plan (the budget section's per-unit CPU costs, measured on this
+    machine kind) stays within the config's 60 minutes: a longer protocol or a bigger grid must
+    be paid for elsewhere."""
+    proc = subprocess.run([sys.executable, str(LAUNCHER), "--config", "studies/embedded.yaml", "--dry-run",
+                           "--output_dir", str(tmp_path / "never_written")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    total = next(l.split() for l in proc.stdout.splitlines() if l.strip().startswith("total"))
+    assert total[1] != "0.0" and float(total[1]) <= float(total[3]) == 60, proc.stdout
+    assert not (tmp_path / "never_written").exists()
+
 def test_spearman_interval():
     import numpy as np
     from scipy.stats import rankdata, spearmanr
