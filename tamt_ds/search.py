@@ -180,6 +180,7 @@ def evaluate(model, masks, batches, device, objective: str) -> dict[str, float]:
             sums[1] += batch["attention_mask"].sum()
             if "mlm" in objective:
                 sums[2:] += torch.stack(mlm_accuracy(model, batch)).double()
+    zero.release_prefetched(model)
     model.train()
     sums = sharding.all_reduce_(sums).cpu()
     out = {"eval/kd_loss": float(sums[0] / max(sums[1], 1))}

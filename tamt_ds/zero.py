@@ -147,10 +147,12 @@ def set_engine_counters(engine, counters: dict) -> None:
 # all-reduced sum, the same on every rank.
 # - The gradient norm (for clipping): DeepSpeed's get_grad_norm_direct copies each gradient
 #   partition to fp64 to take its norm, a fresh full-size fp64 temporary a step (180 MB for
-#   MiniLM's 22.5M scores).  Here: fp32 norms of GRAD_NORM_CHUNK-element slices
-#   (torch._foreach_norm, one multi-tensor kernel on a GPU), their squares summed in fp64.
-#   Its relative error is ~1e-6 of the fp64 norm, less than that of
-#   torch.nn.utils.clip_grad_norm_ (fp32 per tensor), which plain loops use.
+#   MiniLM's 22.5M scores).  Here: fp64 norms of GRAD_NORM_CHUNK-element slices (vector_norm
+#   with an fp64 accumulator: no copy; _foreach_norm in fp64 was 2x slower on the CPU), their
+#   squares summed: 22.5M bf16 values 0.05 CPU-s, not 0.12; ~1e-16 from DeepSpeed's value.
+#   fp64 as DeepSpeed's: an fp32 norm (~1e-6 off) changed the clipped update enough that an
+#   IMP run with the optimizer offloaded (DeepSpeed's own norm) and one without no longer
+#   gave the same masks (tests/test_imp.py).
 # - The fp32 gradient of a sub-group: DeepSpeed concatenates the sub-group's gradient
 #   partitions and casts the concatenation to the master dtype (two full-size copies in bf16,
 #   one in fp32).  The partitions are adjacent views of one flat buffer, so here the flat view
@@ -160,7 +162,7 @@ def set_engine_counters(engine, counters: dict) -> None:
 # the partition group is the whole world (sharding's all-reduce is over the world), no CPU
 # offload of the optimizer (which takes other paths).
 
-GRAD_NORM_CHUNK = 1 << 16  # elements per fp32 partial norm: its accumulation error stays ~1e-7 relative
+GRAD_NORM_CHUNK = 1 << 16  # elements per partial norm
 
 
 def streamline_step(engine) -> bool:
@@ -182,8 +184,8 @@ def grad_norm(gradients: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of all of `gradients` (over every rank's partitions), fp64 0-d on their device."""
     chunks = [c for g in gradients for c in g.reshape(-1).split(GRAD_NORM_CHUNK)]
     if chunks:
-        partial = torch.stack(torch._foreach_norm(chunks, 2, dtype=torch.float32)).double()
-        squares = partial.square().sum()
+        norms = [torch.linalg.vector_norm(c, 2, dtype=torch.float64) for c in chunks]  # fp64 inside, not copied
+        squares = torch.stack(norms).square().sum()
     else:
         squares = torch.zeros((), dtype=torch.float64, device=sharding.comm_device())
     return sharding.all_reduce_(squares).sqrt()
@@ -250,3 +252,15 @@ def same_step(model):
         yield
     finally:
         del coordinator.reset_step
+
+
+def release_prefetched(model) -> None:
+    """End forward passes that no backward follows (evaluation) under a replayed trace.
+
+    Replaying the KD step's trace, ZeRO-3 prefetches after the student's forward what the
+    backward will need; with no backward those parameters stay gathered or in flight, and the
+    next gather outside a forward (the export's full masks) meets one in flight ("Cannot
+    partition a param in flight").  DeepSpeed's empty_partition_cache waits for and releases
+    them all; the next forward gathers what it needs again.  A plain module: nothing to do."""
+    if hasattr(model, "empty_partition_cache"):
+        model.empty_partition_cache()
