@@ -382,7 +382,11 @@ def test_embedded_study_plan_fits_its_hour(tmp_path):
     """`make study`'s printed plan (the budget section's per-unit CPU costs, measured on this
     machine kind) stays within the config's 60 minutes: a longer protocol or a bigger grid must
     be paid for elsewhere."""
-    proc = subprocess.run([sys.executable, str(LAUNCHER), "--config", "studies/embedded.yaml", "--dry-run",
+    cfg = yaml.safe_load((ROOT / "studies" / "embedded.yaml").read_text())
+    cfg["finetune"]["task_data_dir"] = str(SHARED)  # ../shared/data, or the sessions' /work/shared
+    config = tmp_path / "embedded.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, str(LAUNCHER), "--config", str(config), "--dry-run",
                            "--output_dir", str(tmp_path / "never_written")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
