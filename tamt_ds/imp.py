@@ -46,8 +46,7 @@ import torch
 from tamt_ds import checkpoint, engine as eng, mfu, sharding, zero
 from tamt_ds.cli import check_at_least, parse_arguments
 from tamt_ds.engine import to_device
-from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, \
-    default_train_files, default_validation_files
+from tamt_ds.data.corpus import CorpusArguments, build_block_loader, build_validation_batches, with_default_corpus
 from tamt_ds.maskfile import atomic_torch_save, masks_for_model, read_mask_file
 from tamt_ds.masking import INIT_SCORE, TAMT_PATTERNS, MaskSet, attach_masks
 from tamt_ds.models import DEFAULT_MODEL, export_name, load_model, load_tokenizer, model_config
@@ -93,12 +92,7 @@ def parse_args(argv=None) -> tuple[IMPArguments, CorpusArguments]:
                        "unstructured only; for N:M or structured masks use launchers/search.py --sparsity_pattern and "
                        "the same-pattern baselines of python -m tamt_ds.pattern_baselines (docs/patterns.md)")
     args, data = parse_arguments((IMPArguments, CorpusArguments), argv)
-    if not data.train_files and not data.dataset_name:
-        data.train_files = default_train_files()
-        data.mix_weights = data.mix_weights or DEFAULT_MIX_WEIGHTS
-        if not data.validation_files:
-            data.validation_files = default_validation_files()
-    return args, data
+    return args, with_default_corpus(data)
 
 
 def levels(args: IMPArguments) -> list[float]:

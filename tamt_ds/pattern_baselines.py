@@ -52,9 +52,9 @@ class ImportanceData:
 
 def importance_batches(model_name: str, data: ImportanceData, mlm: bool, seed: int) -> list[dict]:
     """The first `data.batches` batches a 1-rank search with this seed would train on."""
-    from tamt_ds.data.corpus import build_block_loader
+    from tamt_ds.data.corpus import build_block_loader, with_default_corpus
     from tamt_ds.models import load_tokenizer
-    from tamt_ds.search import SEARCH_MAX_SEQ_LENGTH, with_default_corpus
+    from tamt_ds.search import SEARCH_MAX_SEQ_LENGTH
 
     corpus = data.corpus or with_default_corpus(CorpusArguments(max_seq_length=SEARCH_MAX_SEQ_LENGTH))
     loader = build_block_loader(corpus, load_tokenizer(model_name), batch_size=data.batch_size, rank=0,

@@ -248,7 +248,7 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
     p_train = p_scores + head if search else p_all
     small = sum(v for v in tensors.values() if v <= zero.param_persistence_threshold)
     small += sum(v for v in masked.values() if v <= zero.param_persistence_threshold)
-    L, S = shape.layers, inp.max_seq_length
+    L = shape.layers
     on_cpu = inp.device == "cpu"
     param_where = "host" if zero.offload_param and not on_cpu else "device"
     optim_where = "host" if zero.offload_optimizer and not on_cpu else "device"

@@ -18,8 +18,7 @@ import torch
 from tamt_ds import checkpoint, engine as eng, guards, sharding, zero
 from tamt_ds.cli import check_at_least, parse_arguments
 from tamt_ds.engine import to_device
-from tamt_ds.data.corpus import DEFAULT_MIX_WEIGHTS, CorpusArguments, build_block_loader, build_validation_batches, default_train_files, \
-    default_validation_files
+from tamt_ds.data.corpus import CorpusArguments, build_block_loader, build_validation_batches, with_default_corpus
 from tamt_ds.errors import InputError
 from tamt_ds.export import export_mask_snapshot, export_search_outputs
 from tamt_ds.host_memory import release_freed_memory_for
@@ -93,16 +92,6 @@ def parse_args(argv=None) -> tuple[SearchArguments, CorpusArguments]:
     args, data = parse_arguments((SearchArguments, CorpusArguments), argv,
                                  defaults={"max_seq_length": SEARCH_MAX_SEQ_LENGTH})
     return args, with_default_corpus(data)
-
-
-def with_default_corpus(data: CorpusArguments) -> CorpusArguments:
-    """The search's text where none is named: the shipped sample, mixed, with its held-out part."""
-    if not data.train_files and not data.dataset_name:
-        data.train_files = default_train_files()
-        data.mix_weights = data.mix_weights or DEFAULT_MIX_WEIGHTS
-        if not data.validation_files:
-            data.validation_files = default_validation_files()
-    return data
 
 
 class SearchError(InputError):

@@ -504,6 +504,17 @@ def _check_enough_text(plan: _Plan) -> None:
     )
 
 
+def with_default_corpus(data: CorpusArguments) -> CorpusArguments:
+    """The shipped text where a job names none (search, IMP, head importance): the sample,
+    mixed, with its held-out part."""
+    if not data.train_files and not data.dataset_name:
+        data.train_files = default_train_files()
+        data.mix_weights = data.mix_weights or DEFAULT_MIX_WEIGHTS
+        if not data.validation_files:
+            data.validation_files = default_validation_files()
+    return data
+
+
 def build_block_loader(
     args: CorpusArguments, tokenizer, *, batch_size: int, rank: int, world_size: int, seed: int, mlm: bool
 ) -> BlockLoader:
