@@ -102,6 +102,10 @@ def test_pattern_methods_plan_their_cells(tiny_bert, tmp_path):
     jobs, _ = plan(cfg)
     searches = [j.args for j in jobs if j.stage == "masks"]
     assert [a[a.index("--sparsity_pattern") + 1] for a in searches] == ["2:4", "structured", "structured"]
-    (evaluate,) = [j.args for j in jobs if j.stage == "evaluate"]
+    (evaluate_job,) = [j for j in jobs if j.stage == "evaluate"]
+    evaluate = evaluate_job.args
     names = [n for n in evaluate[evaluate.index("--mask") + 1:evaluate.index("--output")] if not n.endswith("mask.pt")]
     assert names == ["omp:2:4", "omp:0.3", "omp:0.6", "head_importance:0.3", "head_importance:0.6", "random:1:4"]
+    # what the evaluation waits for (slurm): the searches' masks, never the baselines it builds itself
+    searched = [n for n in evaluate[evaluate.index("--mask") + 1:evaluate.index("--output")] if n.endswith("mask.pt")]
+    assert sorted(evaluate_job.needs) == sorted(searched) and len(searched) == 3

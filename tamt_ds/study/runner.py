@@ -303,7 +303,7 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
                                             "--mask_seed", str(key)] + cli(_eval_files(cfg)),
                         b.process_start_cpu_s + len(group) * b.eval_mask_cpu_s, len(group), outputs, cfg.nproc,
                         hours.evaluate(len(group)),
-                        [mask_path(cfg, c) for c in group if c.method not in (DENSE, "omp", "random")]))
+                        [mask_path(cfg, c) for c in group if c.method != DENSE and c.base not in BUILT_BASELINES]))
 
     # finetune: one job per mask and task (all seeds), so that each task keeps its own protocol;
     # the longest first, so that the stage ends with short jobs side by side, not one long one alone
