@@ -394,6 +394,24 @@ def test_embedded_study_plan_fits_its_hour(tmp_path):
     assert total[1] != "0.0" and float(total[1]) <= float(total[3]) == 60, proc.stdout
     assert not (tmp_path / "never_written").exists()
 
+def test_search_without_max_steps_is_budgeted_at_the_search_default(tmp_path):
+    """A study that leaves search.max_steps out runs the search's own default: its budget must count
+    those steps, not a copy of the default that went stale (it counted 120 while the search ran 270)."""
+    from tamt_ds.search import SearchArguments
+    from tamt_ds.study.config import load_config
+    from tamt_ds.study.runner import plan
+
+    path = tiny_config(tmp_path, "some/model")
+    raw = yaml.safe_load(path.read_text())
+    del raw["search"]["max_steps"], raw["search_budget"]  # (the axis' snapshot must fall before the end)
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(path))
+    searches = [j for j in plan(cfg)[0] if j.script == "launchers/search.py"]
+    b = cfg.budget
+    assert searches and all(j.cpu_s == pytest.approx(b.process_start_cpu_s + SearchArguments.max_steps * b.search_step_cpu_s)
+                            for j in searches)
+
+
 def test_spearman_interval():
     import numpy as np
     from scipy.stats import rankdata, spearmanr

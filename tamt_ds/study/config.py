@@ -245,6 +245,13 @@ def pattern_sparsity(label: str) -> float | None:
     return 1.0 - pattern.n / pattern.m if pattern.kind == "n:m" else None
 
 
+def search_steps(args: dict) -> int:
+    """Steps a search with these arguments runs: its max_steps, else the search's own default."""
+    from tamt_ds.search import SearchArguments  # (lazy: the study's dry run need not load the engine)
+
+    return int(args.get("max_steps", SearchArguments.max_steps))
+
+
 def mask_cells(cfg: StudyConfig) -> list[MaskCell]:
     cells = [MaskCell(DENSE, 0.0, None)] if cfg.dense_reference else []
     for method in cfg.methods:
@@ -468,7 +475,7 @@ def validate_axes(cfg: StudyConfig, where: str) -> None:
         if not any(split_method(m)[0] in TAMT_METHODS for m in cfg.methods):
             raise StudyError(f"{where}: search_budget.snapshot_steps needs a TAMT method in methods")
         for s in cfg.budget_sparsities:
-            steps = int(cfg.search_args(s).get("max_steps", 270))  # 270: SearchArguments.max_steps
+            steps = search_steps(cfg.search_args(s))
             late = [n for n in sb.snapshot_steps if n >= steps]
             if late:
                 raise StudyError(f"{where}: search_budget.snapshot_steps {late} are not before the search's end at "

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from tamt_ds.study import cost
 from tamt_ds.study.config import BUILT_BASELINES, DENSE, REPO_ROOT, TAMT_METHODS, MaskCell, StudyConfig, StudyError, \
-    budget_cells, data_cells, mask_cells, split_method
+    budget_cells, data_cells, mask_cells, search_steps, split_method
 
 
 @dataclass
@@ -256,7 +256,7 @@ def plan(cfg: StudyConfig) -> tuple[list[Job], dict]:
         done = [count(os.path.isfile(mask_path(cfg, c))) for c in mine]
         if not all(done):
             objective = TAMT_METHODS[cell.base]
-            steps = int(args.get("max_steps", 120))
+            steps = search_steps(args)
             step_s = b.search_step_cpu_s if objective == "kd" else b.search_mlm_step_cpu_s
             jobs.append(Job("masks", f"search {cell.id}", "launchers/search.py",
                             common_args(cfg) + ["--objective", objective, "--sparsity", f"{cell.sparsity:g}",
