@@ -42,18 +42,18 @@ def test_allocation_per_job(tmp_path):
 
     cfg = study(tmp_path, partition="gpu", account="lab", time="4:00:00", sbatch_args=["--qos=high"])
     search = sbatch_options(batch_script(cfg, job(tmp_path, "s", nproc=32, stage="masks"), "n1", "/l/s.log"))
-    assert search == ["--job-name=n1", "--nodes=4", "--ntasks-per-node=1", "--output=/l/s.log", "--open-mode=append",
+    assert search == ["--job-name=n1", "--output=/l/s.log", "--open-mode=append", "--nodes=4", "--ntasks-per-node=1",
                       "--gpus-per-node=8", "--exclusive", "--partition=gpu", "--account=lab", "--time=4:00:00",
                       "--qos=high"]
     finetune = batch_script(cfg, job(tmp_path, "f"), "n2", "/l/f.log")
-    assert sbatch_options(finetune)[1:] == ["--nodes=1", "--ntasks-per-node=1", "--output=/l/f.log",
-                                            "--open-mode=append", "--gpus-per-node=1", "--cpus-per-task=4",
+    assert sbatch_options(finetune)[1:] == ["--output=/l/f.log", "--open-mode=append", "--nodes=1",
+                                            "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=4",
                                             "--partition=gpu", "--account=lab", "--time=4:00:00", "--qos=high"]
     assert "NPROC_PER_NODE=1 " in finetune
     assert finetune.rstrip().endswith("launchers/slurm/node.sh launchers/finetune.py --output_dir "
                                       f"{tmp_path}/results/f.json --task 'a b'")
     cpu = batch_script(study(tmp_path, gpus_per_node=0, cpus_per_rank=1), job(tmp_path, "c", nproc=2), "n3", "/l/c")
-    assert sbatch_options(cpu)[1:] == ["--nodes=1", "--ntasks-per-node=1", "--output=/l/c", "--open-mode=append",
+    assert sbatch_options(cpu)[1:] == ["--output=/l/c", "--open-mode=append", "--nodes=1", "--ntasks-per-node=1",
                                        "--cpus-per-task=2"]
     assert "NPROC_PER_NODE=2 " in cpu
 
@@ -273,3 +273,33 @@ def test_executor_on_the_command_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nproc 12 does not fill whole nodes of slurm.gpus_per_node 8" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_shows_each_jobs_allocation(tmp_path, capsys):
+    """--dry-run of a SLURM study: under each job, the one line of sbatch options its allocation would ask
+    for (a 16-rank search: 2 whole nodes; a one-GPU fine-tune: part of one), and what SLURM picks where the
+    config says nothing; nothing is written."""
+    from tamt_ds.study.config import SlurmSettings, load_config
+    from tamt_ds.study.runner import run_study
+    from tests.test_study import tiny_config
+
+    cfg = load_config(str(tiny_config(tmp_path, "some/model")))
+    cfg.executor, cfg.nproc, cfg.finetune_nproc = "slurm", 16, 1
+    cfg.slurm = SlurmSettings(partition="gpu", time="4:00:00")
+    run_study(cfg, dry_run=True)
+    lines = capsys.readouterr().out.splitlines()
+    jobs = [i for i, l in enumerate(lines) if l.startswith("  ") and not l.startswith("   ")
+            and l.split(":")[0].strip() in ("masks", "evaluate", "finetune")]
+    assert len(jobs) > 5 and all(lines[i + 1].startswith("      sbatch --nodes=") for i in jobs), lines
+    request = {lines[i].split(" (")[0].strip(): lines[i + 1].strip() for i in jobs}
+    assert request["masks: search tamt-kd_s0.2_m1"] == ("sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 "
+                                                        "--exclusive --partition=gpu --time=4:00:00")
+    assert request["finetune: finetune omp_s0.4 on pairs"] == ("sbatch --nodes=1 --ntasks-per-node=1 --gpus-per-node=1 "
+                                                               "--cpus-per-task=4 --partition=gpu --time=4:00:00")
+    cfg.slurm = SlurmSettings(gpus_per_node=0, cpus_per_rank=2, sbatch_args=["--time=1:00:00"])
+    run_study(cfg, dry_run=True)
+    lines = capsys.readouterr().out.splitlines()
+    search = lines[lines.index(next(l for l in lines if l.startswith("  masks: search tamt-kd_s0.2_m1"))) + 1]
+    assert search == ("      sbatch --nodes=1 --ntasks-per-node=1 --cpus-per-task=32 --time=1:00:00 "
+                      "(no --partition: the cluster's default)")
+    assert not (tmp_path / "study").exists()

@@ -562,6 +562,10 @@ def run_study(cfg: StudyConfig, *, plot_only: bool = False, dry_run: bool = Fals
                 cost = (f"{job.gpu_hours:.2f} GPU-h on {job.nproc} GPU(s)" if job.gpu_hours is not None
                         else f"{job.cpu_s / 60:.1f} CPU-min")
                 print(f"  {job.stage}: {job.name} ({cost})")
+                if cfg.executor == "slurm":  # the allocation each job would ask for
+                    from tamt_ds.study.slurm import describe_request
+
+                    print(f"      {describe_request(cfg, job)}")
             return {}
         os.makedirs(cfg.out, exist_ok=True)
         run_stages(cfg, jobs)

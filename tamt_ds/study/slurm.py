@@ -71,16 +71,32 @@ def job_key(job) -> str:
     return readable + "-" + hashlib.sha1("\n".join(job.outputs).encode()).hexdigest()[:8]
 
 
-def batch_script(cfg: StudyConfig, job, name: str, log: str) -> str:
-    """The job as an sbatch script (submittable by hand too: `sbatch OUTPUT/slurm/KEY.sbatch`)."""
+def allocation_options(cfg: StudyConfig, job) -> list[str]:
+    """The sbatch options of the job's allocation: what it asks SLURM for (its script's; --dry-run prints them)."""
     s, a = cfg.slurm, allocation(cfg.slurm, job.nproc)
-    options = [f"--job-name={name}", f"--nodes={a.nodes}", "--ntasks-per-node=1", f"--output={log}",
-               "--open-mode=append"]  # a resubmitted job's output goes below its earlier attempts'
+    options = [f"--nodes={a.nodes}", "--ntasks-per-node=1"]
     options += [f"--gpus-per-node={a.gpus_per_node}"] if a.gpus_per_node else []
     options += ["--exclusive"] if a.exclusive else [f"--cpus-per-task={s.cpus_per_rank * a.ranks_per_node}"]
     options += [f"--{key}={value}" for key, value in (("partition", s.partition), ("account", s.account),
                                                        ("time", s.time)) if value]
-    options += s.sbatch_args
+    return options + s.sbatch_args
+
+
+def describe_request(cfg: StudyConfig, job) -> str:
+    """One line for --dry-run: the allocation's sbatch options, and what SLURM decides where the config does not."""
+    options = allocation_options(cfg, job)
+    unset = [f"no --{key}: {fallback}" for key, fallback in (("partition", "the cluster's default"),
+                                                             ("time", "the partition's limit"))
+             if not any(o.startswith(f"--{key}=") for o in options)]
+    return "sbatch " + " ".join(options) + (f" ({'; '.join(unset)})" if unset else "")
+
+
+def batch_script(cfg: StudyConfig, job, name: str, log: str) -> str:
+    """The job as an sbatch script (submittable by hand too: `sbatch OUTPUT/slurm/KEY.sbatch`)."""
+    a = allocation(cfg.slurm, job.nproc)
+    options = [f"--job-name={name}", f"--output={log}",
+               "--open-mode=append",  # a resubmitted job's output goes below its earlier attempts'
+               *allocation_options(cfg, job)]
     lines = ["#!/bin/bash", f"# study {cfg.name!r}: {job.stage}: {job.name} (tamt_ds/study/slurm.py)",
              *(f"#SBATCH {o}" for o in options),
              "set -euo pipefail",
