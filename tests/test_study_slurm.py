@@ -7,6 +7,7 @@ job an earlier controller submitted instead of submitting it twice, and stops in
 the job it gave up on; the config's executor and slurm section load, or fail in one line; every launcher a job runs takes
 node.sh's --dist_timeout."""
 import json
+import os
 import re
 import subprocess
 
@@ -92,6 +93,12 @@ class FakeSlurm:
         self.submitted: list[str] = []  # job names, in order
         self.jobs: dict[str, object] = {}
         self.logs: dict[str, str] = {}
+        self.sacct: dict[str, str] = {}  # job id -> its `sacct -n -P -X -o Start,End,TotalCPU` line (none: no accounting)
+
+    def times(self, job_id: str):
+        from tamt_ds.study.slurm import parse_sacct
+
+        return parse_sacct(self.sacct.get(job_id, ""))
 
     def submit(self, script: str) -> str:
         text = open(script).read()
@@ -303,3 +310,79 @@ def test_dry_run_shows_each_jobs_allocation(tmp_path, capsys):
     assert search == ("      sbatch --nodes=1 --ntasks-per-node=1 --cpus-per-task=32 --time=1:00:00 "
                       "(no --partition: the cluster's default)")
     assert not (tmp_path / "study").exists()
+
+
+class Clock:
+    """time.time for the controller: each of its sleeps advances it by poll_seconds."""
+
+    def __init__(self):
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def stamp(seconds: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+@pytest.mark.parametrize("accounting", [False, True])
+def test_controller_writes_timings(tmp_path, accounting):
+    """A SLURM study writes OUTPUT/timings.json as a local one does (a row per job, a "(stage)" row per
+    stage): each job's start and end from sacct where the cluster keeps accounting, else as the controller
+    saw them (squeue every poll_seconds); a resubmitted job's row is the attempt that wrote its results; a
+    stage runs from its first job's start to its last job's end."""
+    from tamt_ds.study.slurm import SlurmExecutor, job_key, study_tag
+
+    search = job(tmp_path, "search", stage="masks")
+    jobs = [search, job(tmp_path, "finetune", needs=search.outputs), job(tmp_path, "dense")]
+    cfg = study(tmp_path, max_attempts=2, poll_seconds=30)
+    (tmp_path / "results").mkdir()
+    fake, clock = FakeSlurm(fail={"search": 1}), Clock()
+    fake.jobs = {study_tag(cfg) + job_key(j): j for j in jobs}
+    if accounting:  # ids in submission order: 101 the failed search, 102 dense, 103 the search again, 104 finetune
+        fake.sacct = {"102": "2026-12-05T10:00:00|2026-12-05T10:01:00|00:30\n",
+                      "103": "2026-12-05T10:00:00|2026-12-05T10:04:10|01:02.500\n",
+                      "104": "2026-12-05T10:05:00|2026-12-05T11:05:30|1-00:00:01\n"}
+    SlurmExecutor(cfg, lambda: [j for j in jobs if not os.path.isfile(j.outputs[0])], lambda line: None, fake,
+                  clock.sleep, clock).wait()
+    rows = json.loads((tmp_path / "out" / "timings.json").read_text())
+    t0 = 1_800_000_000.0  # the first squeue; the fake runs a job for one round, then lists it COMPLETING
+    if accounting:
+        expected = [("finetune", "dense", "102", 60.0, 30.0, "2026-12-05 10:00:00", "2026-12-05 10:01:00", "sacct"),
+                    ("masks", "search", "103", 250.0, 62.5, "2026-12-05 10:00:00", "2026-12-05 10:04:10", "sacct"),
+                    ("finetune", "finetune", "104", 3630.0, 86401.0, "2026-12-05 10:05:00", "2026-12-05 11:05:30",
+                     "sacct"),
+                    ("masks", "(stage)", None, 250.0, 0.0, "2026-12-05 10:00:00", "2026-12-05 10:04:10", None),
+                    ("finetune", "(stage)", None, 3930.0, 0.0, "2026-12-05 10:00:00", "2026-12-05 11:05:30", None)]
+    else:  # dense RUNNING at t0+30, its results seen at +60; the search's first job gone at +90 and resubmitted,
+        # RUNNING at +120, its mask seen at +150; the fine-tune submitted then, RUNNING at +180, done at +210
+        expected = [("finetune", "dense", "102", 30.0, None, stamp(t0 + 30), stamp(t0 + 60), "squeue"),
+                    ("masks", "search", "103", 30.0, None, stamp(t0 + 120), stamp(t0 + 150), "squeue"),
+                    ("finetune", "finetune", "104", 30.0, None, stamp(t0 + 180), stamp(t0 + 210), "squeue"),
+                    ("masks", "(stage)", None, 30.0, 0.0, stamp(t0 + 120), stamp(t0 + 150), None),
+                    ("finetune", "(stage)", None, 180.0, 0.0, stamp(t0 + 30), stamp(t0 + 210), None)]
+    assert [(r["stage"], r["job"], r.get("slurm_job"), r["seconds"], r.get("cpu_seconds"), r["started"],
+             r["finished"], r.get("timed_by")) for r in rows] == expected
+    assert all(r["cells"] == 1 and r["estimated_cpu_seconds"] == 1.0 and r["gpus"] == 1 for r in rows[:3])
+    assert [(r["cells"], r["estimated_cpu_seconds"]) for r in rows[3:]] == [(1, 1.0), (2, 2.0)]
+    from tamt_ds.study.report import markdown  # study.md's line, CPU time only where SLURM measured it
+
+    assert ("Time per stage (timings.json; a resumed study adds up its runs): " + (
+        "masks 4.2 min wall, 1.0 CPU-min, finetune 65.5 min wall, 1440.5 CPU-min." if accounting
+        else "masks 0.5 min wall, finetune 3.0 min wall.")) in markdown(cfg, [], [], [], "test", rows)
+
+
+def test_sacct_lines():
+    from tamt_ds.study.slurm import parse_sacct, slurm_duration
+
+    assert parse_sacct("2026-12-05T10:00:00|Unknown|00:00:00\n") is None  # still running, or not recorded yet
+    assert parse_sacct("") is None
+    times = parse_sacct("2026-12-05T10:00:00|2026-12-05T10:00:07|00:00:00\n")
+    assert times.ended - times.started == 7 and times.cpu_seconds is None  # TotalCPU 0: not gathered
+    assert [slurm_duration(t) for t in ("00:01.250", "02:03:04", "3-00:00:10", "")] == [1.25, 7384, 259210, 0]

@@ -225,12 +225,13 @@ def markdown(cfg: StudyConfig, rows: list[dict], corr: list[dict], figures: list
         lines += ["", "MLM loss: not measured (the model has no pre-trained MLM head)."]
     lines += axes_markdown(cfg, all_rows, split)
     if timings:
-        stages = list(dict.fromkeys(t["stage"] for t in timings))
+        stages = [s for s in ("masks", "evaluate", "finetune") if any(t["stage"] == s for t in timings)]
         wall = {s: sum(t["seconds"] for t in timings if t["stage"] == s and t["job"] == "(stage)") for s in stages}
-        cpu = {s: sum(t.get("cpu_seconds", 0) for t in timings if t["stage"] == s and t["job"] != "(stage)")
-               for s in stages}
+        cpu = {s: [t["cpu_seconds"] for t in timings if t["stage"] == s and t["job"] != "(stage)" and "cpu_seconds" in t]
+               for s in stages}  # none: not measured (SLURM without accounting)
         lines += ["", "Time per stage (timings.json; a resumed study adds up its runs): " + ", ".join(
-            f"{s} {wall[s] / 60:.1f} min wall, {cpu[s] / 60:.1f} CPU-min" for s in stages) + "."]
+            f"{s} {wall[s] / 60:.1f} min wall" + (f", {sum(cpu[s]) / 60:.1f} CPU-min" if cpu[s] else "")
+            for s in stages) + "."]
     lines += ["", *[f"![{f}]({f})" for f in figures], ""]
     return "\n".join(lines)
 

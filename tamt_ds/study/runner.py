@@ -488,19 +488,22 @@ def log_name(job: Job) -> str:
 _TIMINGS_LOCK = threading.Lock()
 
 
-def record_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: float) -> None:
+def record_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: float | None, **more) -> None:
+    """One row of OUTPUT/timings.json (cpu_seconds None: not measured, left out); `more` adds or
+    replaces fields (a SLURM job's own start and end: tamt_ds/study/slurm.py)."""
     with _TIMINGS_LOCK:  # jobs of a stage may finish side by side
-        _append_timing(cfg, job, seconds, cpu_seconds)
+        _append_timing(cfg, job, seconds, cpu_seconds, more)
 
 
-def _append_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: float) -> None:
+def _append_timing(cfg: StudyConfig, job: Job, seconds: float, cpu_seconds: float | None, more: dict) -> None:
     from tamt_ds.checkpoint import atomic_write_text
 
     path = os.path.join(cfg.out, "timings.json")
     rows = read_json(path) or []
     rows.append({"stage": job.stage, "job": job.name, "cells": job.cells, "seconds": round(seconds, 1),
-                 "cpu_seconds": round(cpu_seconds, 1),
-                 "estimated_cpu_seconds": round(job.cpu_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+                 **({"cpu_seconds": round(cpu_seconds, 1)} if cpu_seconds is not None else {}),
+                 "estimated_cpu_seconds": round(job.cpu_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 **more})
     atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
 
 

@@ -23,6 +23,10 @@ queued or running under their names, and waits for them instead of submitting th
 Dependencies are the files: a fine-tune is submitted once its mask exists, whichever job
 wrote it.  squeue is asked before planning, so that a job ending in between is seen as done
 (or as pending and not queued: then it really ended without its results).
+
+Each job that wrote its results and left the queue gets its row in OUTPUT/timings.json, as
+under the local executor: its start and end (and CPU time, where SLURM gathers it) from sacct,
+else from what the controller saw (squeue's rounds: within poll_seconds); `timed_by` says which.
 """
 from __future__ import annotations
 
@@ -35,8 +39,9 @@ import shlex
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Callable
 
 from tamt_ds.study.config import REPO_ROOT, SlurmSettings, StudyConfig, StudyError
@@ -133,6 +138,50 @@ class Slurm:
             return None
         return parse_squeue(proc.stdout, prefix) if proc.returncode == 0 else None
 
+    def times(self, job_id: str) -> JobTimes | None:
+        """When the job ran, from sacct: the accounting database, else the job completion file (a
+        cluster with neither, or a job not recorded yet: None)."""
+        for source in ([], ["-c"]):
+            try:
+                proc = self.run("sacct", *source, "-n", "-P", "-X", "-j", job_id, "-o", "Start,End,TotalCPU")
+            except (subprocess.TimeoutExpired, OSError):
+                return None
+            found = parse_sacct(proc.stdout) if proc.returncode == 0 else None
+            if found is not None:
+                return found
+        return None
+
+
+@dataclass(frozen=True)
+class JobTimes:
+    """When a job ran (seconds since the epoch) and, where SLURM's accounting gathers it, its CPU time."""
+    started: float
+    ended: float
+    cpu_seconds: float | None
+
+
+def parse_sacct(text: str) -> JobTimes | None:
+    """`sacct -n -P -X -o Start,End,TotalCPU` of one job; None until it has an end (still running,
+    or not yet in the accounting).  TotalCPU 0: not gathered (jobacct_gather/none), left out."""
+    for line in text.splitlines():
+        start, end, cpu = (line.strip().split("|") + ["", ""])[:3]
+        try:
+            started, ended = (datetime.fromisoformat(t).timestamp() for t in (start, end))
+        except ValueError:  # Unknown, None
+            return None
+        return JobTimes(started, ended, slurm_duration(cpu) or None)
+    return None
+
+
+def slurm_duration(text: str) -> float:
+    """SLURM's [D-][HH:]MM:SS[.mmm] in seconds (0 for nothing)."""
+    days, _, clock = text.strip().rpartition("-")
+    try:
+        parts = [float(p) for p in clock.split(":")] if clock else []
+        return int(days or 0) * 86400 + sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    except ValueError:
+        return 0.0
+
 
 def parse_squeue(text: str, prefix: str) -> dict[str, tuple[str, str]]:
     out = {}
@@ -141,6 +190,10 @@ def parse_squeue(text: str, prefix: str) -> dict[str, tuple[str, str]]:
         if name.startswith(prefix):
             out[name] = (job_id, state)
     return out
+
+
+def _stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
 def slurm_note(log: str) -> str | None:
@@ -161,11 +214,17 @@ class SlurmExecutor:
     the files each round; `say` prints one line; `slurm` and `sleep` are replaceable for tests."""
 
     def __init__(self, cfg: StudyConfig, pending: Callable[[], list], say: Callable[[str], None] = print,
-                 slurm: Slurm | None = None, sleep: Callable[[float], None] = time.sleep):
+                 slurm: Slurm | None = None, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.time):
         self.cfg, self.pending, self.say = cfg, pending, say
-        self.slurm, self.sleep = slurm or Slurm(), sleep
+        self.slurm, self.sleep, self.clock = slurm or Slurm(), sleep, clock
         self.prefix = study_tag(cfg)
         self.attempts: Counter[str] = Counter()  # submissions per job key, this controller run
+        # what the controller saw of each job (name), for timings.json where sacct knows nothing
+        self.pending_at: dict[str, float] = {}  # the last round squeue listed it pending
+        self.running_since: dict[str, float] = {}  # the first round squeue listed it started
+        self.finished: dict[str, tuple[str, object, float]] = {}  # results there, not timed yet: (id, job, seen at)
+        self.timed: defaultdict[str, list] = defaultdict(list)  # stage -> [(job, JobTimes)]
 
     def submit(self, job) -> None:
         """Nothing to queue here: wait() plans again from the files (the Executor protocol's other half)."""
@@ -179,10 +238,18 @@ class SlurmExecutor:
             if queued is None:
                 self.sleep(self.cfg.slurm.poll_seconds)
                 continue
+            now = self.clock()
+            for name, (_, state) in queued.items():
+                if state in ("PENDING", "CONFIGURING"):
+                    self.pending_at[name] = now
+                else:
+                    self.running_since.setdefault(name, now)
             jobs = {self.prefix + job_key(j): j for j in self.pending()}
             for name, (job_id, job) in seen.items():
                 if name not in jobs:  # (squeue may list it a while longer: COMPLETING)
                     self.say(f"      job {job_id} wrote its results: {job.stage}: {job.name}")
+                    self.finished[name] = (job_id, job, now)
+            self._time_finished(queued)
             given_up = []
             for name, job in jobs.items():
                 if name in queued:
@@ -203,12 +270,47 @@ class SlurmExecutor:
                 job_id = self._submit(job, name, key, log)
                 self.attempts[key] += 1
                 queued[name] = (job_id, "PENDING")
+                self.pending_at[name] = now
+                self.running_since.pop(name, None)  # an earlier attempt's
             seen = {name: (queued[name][0], job) for name, job in jobs.items() if name in queued}
             if not jobs:
+                self._time_finished(None)  # those squeue still lists (COMPLETING): now
+                self._time_stages()
                 return
             if not seen:  # nothing queued or running, nothing could be submitted: stuck
                 raise StudyError(self._stuck(jobs.values(), given_up))
             self.sleep(self.cfg.slurm.poll_seconds)
+
+    def _time_finished(self, queued: dict | None) -> None:
+        """A row of timings.json for each job that wrote its results and left the queue (all: None):
+        its start and end from sacct, else as the controller saw them -- from the first round squeue
+        listed it started (or last listed it pending) to the round that found its results, each
+        within poll_seconds of the truth."""
+        from tamt_ds.study.runner import record_timing
+
+        for name in [n for n in self.finished if queued is None or n not in queued]:
+            job_id, job, seen_at = self.finished.pop(name)
+            times, timed_by = self.slurm.times(job_id), "sacct"
+            if times is None:
+                start = self.running_since.get(name, self.pending_at.get(name, seen_at))
+                times, timed_by = JobTimes(start, seen_at, None), "squeue"
+            a = allocation(self.cfg.slurm, job.nproc)
+            record_timing(self.cfg, job, times.ended - times.started, times.cpu_seconds,
+                          started=_stamp(times.started), finished=_stamp(times.ended), slurm_job=job_id,
+                          gpus=a.nodes * a.gpus_per_node, timed_by=timed_by)
+            self.timed[job.stage].append((job, times))
+
+    def _time_stages(self) -> None:
+        """A "(stage)" row per stage, as the local executor writes: here from its first job's start to
+        its last job's end (stages overlap: a fine-tune starts once its own mask is there)."""
+        from tamt_ds.study.runner import Job, record_timing
+
+        for stage in sorted(self.timed, key=("masks", "evaluate", "finetune").index):
+            done = self.timed[stage]
+            started, ended = min(t.started for _, t in done), max(t.ended for _, t in done)
+            record_timing(self.cfg, Job(stage, "(stage)", "", [], sum(j.cpu_s for j, _ in done),
+                                        sum(j.cells for j, _ in done)), ended - started, 0.0,
+                          started=_stamp(started), finished=_stamp(ended))
 
     def _submit(self, job, name: str, key: str, log: str) -> str:
         from tamt_ds.checkpoint import atomic_write_text
