@@ -3,7 +3,8 @@
 search job scancelled after a checkpoint (the controller resubmits it; it resumes), and the
 controller SIGKILLed while the fine-tune job is in the queue (held there: scontrol suspend) and
 run again (it waits for that job instead of submitting it twice): its study.json equals a local
-run's, row for row and number for number."""
+run's, row for row and number for number; its timings.json has each job's start and end as SLURM
+recorded them."""
 import json
 import os
 import re
@@ -122,6 +123,20 @@ def test_study_through_slurm_equals_local(tmp_path):
             if r.split("|")[1] in names and int(r.split("|")[0]) >= int(search_id)}
     assert sorted(mine.values()) == ["CANCELLED", "COMPLETED", "COMPLETED", "COMPLETED"], records
     assert mine[search_id] == "CANCELLED" and mine[finetune_id] == "COMPLETED"
+
+    # timings.json: a row per job that wrote its results, its start and end SLURM's own (here the job
+    # completion file: no CPU time); the search's is its second job's; the killed controller wrote no
+    # stage rows, the second one the fine-tune's (the evaluation ran under either controller, or between)
+    timings = json.loads((out / "timings.json").read_text())
+    recorded = {r.split("|")[0]: [t.replace("T", " ") for t in r.split("|")[1:]]
+                for r in slurm.run("sacct", "-c", "-n", "-P", "-o", "JobID,Start,End").stdout.split()}
+    timed = {t["slurm_job"]: t for t in timings if t["job"] != "(stage)"}
+    assert len(timed) == len(timings) - 1 and {again, finetune_id} <= set(timed) and search_id not in timed, timings
+    assert timed[again]["job"] == "search tamt-kd_s0.4_m1" and timed[finetune_id]["stage"] == "finetune"
+    assert all([t["started"], t["finished"]] == recorded[i] and t["timed_by"] == "sacct" and "cpu_seconds" not in t
+               for i, t in timed.items()), (timings, recorded)
+    assert [(t["stage"], t["started"], t["finished"]) for t in timings if t["job"] == "(stage)"] == [
+        ("finetune", *recorded[finetune_id])]
 
     assert rows(out) == rows(tmp_path / "local")
     assert len(rows(out)) >= 2 and all(r["method"] == "tamt-kd" for r in rows(out))

@@ -96,9 +96,11 @@ class FakeSlurm:
         self.sacct: dict[str, str] = {}  # job id -> its `sacct -n -P -X -o Start,End,TotalCPU` line (none: no accounting)
 
     def times(self, job_id: str):
+        """As sacct: no end while squeue still lists the job."""
         from tamt_ds.study.slurm import parse_sacct
 
-        return parse_sacct(self.sacct.get(job_id, ""))
+        listed = any(job_id == i for i, _ in self.state.values())
+        return None if listed else parse_sacct(self.sacct.get(job_id, ""))
 
     def submit(self, script: str) -> str:
         text = open(script).read()

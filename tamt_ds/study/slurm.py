@@ -233,6 +233,7 @@ class SlurmExecutor:
         from tamt_ds.study.runner import log_error, log_name
 
         limit, seen = self.cfg.slurm.max_attempts, {}  # seen: name -> (id, job) queued last round
+        lingering = 3  # rounds the study waits at its end for its last jobs to leave the queue
         while True:
             queued = self.slurm.queued(self.prefix)
             if queued is None:
@@ -274,7 +275,11 @@ class SlurmExecutor:
                 self.running_since.pop(name, None)  # an earlier attempt's
             seen = {name: (queued[name][0], job) for name, job in jobs.items() if name in queued}
             if not jobs:
-                self._time_finished(None)  # those squeue still lists (COMPLETING): now
+                if self.finished and lingering:  # still listed (COMPLETING): sacct has no end for them yet
+                    lingering -= 1
+                    self.sleep(self.cfg.slurm.poll_seconds)
+                    continue
+                self._time_finished(None)  # those squeue still lists after that: now
                 self._time_stages()
                 return
             if not seen:  # nothing queued or running, nothing could be submitted: stuck
