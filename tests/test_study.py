@@ -412,6 +412,23 @@ def test_search_without_max_steps_is_budgeted_at_the_search_default(tmp_path):
                             for j in searches)
 
 
+def test_plan_counts_the_fine_tuning_steps_the_harness_runs(tmp_path):
+    """A fine-tune's steps in the plan are the harness's: epochs over its (subset of the) train set, capped
+    by max_steps, on each rank's share -- a 250-example subset at max_steps 160 runs 24 steps of 32, not
+    160 (the 2026-12-05 run: 37 CPU-s used, 240 planned)."""
+    from tamt_ds.study.runner import _finetune_steps
+
+    write_task(tmp_path, "t", pair=False, n_train=300)
+    task, args = f"local:{tmp_path / 't'}", {"max_steps": 160, "per_device_train_batch_size": 32}
+    assert _finetune_steps({**args, "train_subset": 250}, task, 1) == 24  # 3 epochs of 8 batches
+    assert _finetune_steps({**args, "train_subset": 1000}, task, 1) == 96
+    assert _finetune_steps({**args, "train_subset": 250}, task, 2) == 12  # 125 examples a rank
+    assert _finetune_steps(args, task, 1) == 30  # all 300: 10 batches
+    assert _finetune_steps({**args, "num_train_epochs": 20}, task, 1) == 160
+    assert _finetune_steps({"gradient_accumulation_steps": 2, "per_device_train_batch_size": 16}, task, 1) == 30
+    assert _finetune_steps(args, "sst2", 1) == 160 and _finetune_steps({"max_steps": 7}, "some/hub_task", 1) == 7
+
+
 def test_spearman_interval():
     import numpy as np
     from scipy.stats import rankdata, spearmanr

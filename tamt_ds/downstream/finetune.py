@@ -123,9 +123,10 @@ def load_model_for(args: FinetuneArguments, spec: TaskSpec, ds_config: dict) -> 
     return load_task_model(args.model_name_or_path, head="classification", ds_config=ds_config, **kwargs)
 
 
-def steps_for(args: FinetuneArguments, n_features: int) -> tuple[int, int]:
-    """(optimizer steps per seed, per epoch): --num_train_epochs of this rank's share, capped by --max_steps."""
-    micro = math.ceil(math.ceil(n_features / sharding.world_size()) / args.per_device_train_batch_size)
+def steps_for(args: FinetuneArguments, n_features: int, world_size: int | None = None) -> tuple[int, int]:
+    """(optimizer steps per seed, per epoch): --num_train_epochs of this rank's share, capped by --max_steps
+    (world_size: this run's; the study's plan passes the one its job will have)."""
+    micro = math.ceil(math.ceil(n_features / (world_size or sharding.world_size())) / args.per_device_train_batch_size)
     per_epoch = math.ceil(micro / args.gradient_accumulation_steps)  # DistributedSampler pads the last share
     total = max(1, math.ceil(args.num_train_epochs * per_epoch))
     return (min(total, args.max_steps) if args.max_steps else total), per_epoch

@@ -202,16 +202,24 @@ def _eval_files(cfg: StudyConfig) -> dict:
 
 
 def _finetune_steps(args: dict, task: str, nproc: int) -> int:
-    """Optimizer steps per seed, for the budget (from max_steps, or epochs over a local train file)."""
-    if args.get("max_steps"):
-        return int(args["max_steps"])
+    """Optimizer steps per seed, for the budget: the harness's own count (epochs over the train set
+    or its subset, capped by max_steps: a 250-example subset at max_steps 160 runs 24 steps of 32)."""
+    from tamt_ds.downstream.arguments import FinetuneArguments
+    from tamt_ds.downstream.finetune import steps_for
+
     n = args.get("train_subset")
     if n is None and task.startswith("local:"):
         with open(os.path.join(task[len("local:"):], "train.tsv"), encoding="utf-8") as f:
             n = sum(1 for _ in f) - 1
-    n = n or cost.TASK_SIZES.get(task, (10_000,))[0]  # GLUE / SQuAD: the published size; another hub task: a guess
-    batch = int(args.get("per_device_train_batch_size", 32)) * nproc
-    return int(float(args.get("num_train_epochs", 3.0)) * -(-n // batch))
+    n = n or cost.TASK_SIZES.get(task, (None,))[0]  # GLUE / SQuAD: the published size
+    if n is None and args.get("max_steps"):  # another hub task: its size unknown here
+        return int(args["max_steps"])
+    schedule = FinetuneArguments(
+        per_device_train_batch_size=int(args.get("per_device_train_batch_size", 32)),
+        gradient_accumulation_steps=int(args.get("gradient_accumulation_steps", 1)),
+        num_train_epochs=float(args.get("num_train_epochs", 3.0)),
+        max_steps=int(args["max_steps"]) if args.get("max_steps") else None)
+    return steps_for(schedule, int(n or 10_000), nproc)[0]  # 10,000: a guess
 
 
 def _finetune_cpu_s(cfg: StudyConfig, name: str, task: str, n: int | None = None) -> float:
