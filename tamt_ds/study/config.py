@@ -43,7 +43,8 @@ class Budget:
     cores: int = 2
     single_job_cores: float = 1.7  # measured: a 300-step search, 1081 CPU-s in 633 s on a quiet 2-core machine
     process_start_cpu_s: float = 30.0  # imports, model load, DeepSpeed set-up, per subprocess
-    # per unit below: fitted to the embedded study's jobs of 2026-11-26 (docs/study/timings.json)
+    # per unit below: fitted to the embedded study's fp32 jobs of 2026-11-26 (that run's docs/study/timings.json,
+    # in git history; studies/embedded.yaml: the bf16 figures, refit to the 2026-12-05 run)
     search_step_cpu_s: float = 3.0  # one TAMT-KD step of 64 x 32 tokens (teacher + student)
     search_mlm_step_cpu_s: float = 4.0  # one TAMT-MLM(+KD) step
     imp_step_cpu_s: float = 4.0  # one MLM step of all weights
