@@ -85,7 +85,7 @@ def _pruned_ties(values: torch.Tensor, tau: float, tie_key: int, offset: int,
     cached = rows is None and offset == 0 and values.dim() > 1 and values.numel() <= _CACHED_KEYS_MAX
     if cached:
         return at & (_matrix_tie_keys(values.numel(), values.device).view(values.shape) <= tie_key)
-    if _hash_ties_only(values) and at.is_contiguous():  # hashing every gathered embedding row was most of its mask's time
+    if _hash_ties_only(values) and at.is_contiguous():  # hashing every gathered embedding row: most of its time
         flat = at.view(-1)
         ties = flat.nonzero().view(-1)
         flat[ties] = tie_keys(_flat_index(ties, values, offset, rows)) <= tie_key
