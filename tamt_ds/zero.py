@@ -207,12 +207,26 @@ def _prepare_fp32_grad(self, sub_group_id):
     flat = adjacent_view(grads)
     if flat is None or flat.numel() != master.numel():
         return type(self)._prepare_fp32_grad_for_sub_group(self, sub_group_id)
-    master.grad = flat.to(master.dtype)
+    master.grad = flat if flat.dtype == master.dtype else _fp32_grad_buffer(self, sub_group_id, flat).copy_(flat)
     from deepspeed.accelerator import get_accelerator
 
     if not get_accelerator().is_synchronized_device():
         flat.record_stream(get_accelerator().current_stream())  # as DeepSpeed does for each partition
     self.averaged_gradients[sub_group_id] = None
+
+
+def _fp32_grad_buffer(self, sub_group_id: int, flat: torch.Tensor) -> torch.Tensor:
+    """Where sub-group `sub_group_id`'s fp32 gradient is written: on the CPU one buffer kept
+    from step to step (4 bytes per score of this rank's partition, held between steps too).
+    A fresh one is a fresh mapping (far above glibc's mmap threshold) that the cast page-faults
+    in every step: MiniLM's 22.5M bf16 -> fp32 took 42 ms so, 4 ms into a kept buffer (1 thread).
+    On an accelerator the caching allocator already reuses the block: a fresh one, as DeepSpeed."""
+    if flat.device.type != "cpu":
+        return torch.empty_like(flat, dtype=self.fp32_partitioned_groups_flat[sub_group_id].dtype)
+    kept = vars(self).setdefault("_tamt_fp32_grads", {})
+    if sub_group_id not in kept:
+        kept[sub_group_id] = torch.empty_like(flat, dtype=self.fp32_partitioned_groups_flat[sub_group_id].dtype)
+    return kept[sub_group_id]
 
 
 def adjacent_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:

@@ -1,6 +1,6 @@
 """Runs under torchrun (ZeRO-3, gloo, persistence threshold 0): after one KD backward, the
 streamlined optimizer step (tamt_ds/zero.py, streamline_step) against DeepSpeed's own methods on the same
-gradients, per sub-group; then two whole steps.
+gradients, per sub-group, at each of two whole steps.
 
 usage: zero3_step_worker.py MODEL_DIR OUT_FILE
 Saves from rank 0, per config, every rank's facts: whether the overrides were installed, the
@@ -41,23 +41,22 @@ def check(model_dir: str, config: str) -> dict:
     opt = engine.optimizer
     installed = (opt.get_grad_norm_direct.__func__ is zero._grad_norm
                  and opt._prepare_fp32_grad_for_sub_group.__func__ is zero._prepare_fp32_grad)
-    kd_backward(engine, masks, model.config.vocab_size, 0)
-    norms, grads_equal = [], []
-    for i, params_i in enumerate(opt.fp16_groups):
-        grads = list(opt.averaged_gradients[i])
-        norms.append((float(opt.get_grad_norm_direct(grads, params_i)),
-                      float(type(opt).get_grad_norm_direct(opt, grads, params_i))))
-        master = opt.fp32_partitioned_groups_flat[i]
-        opt._prepare_fp32_grad_for_sub_group(i)
-        streamlined = master.grad.clone()
-        opt.averaged_gradients[i] = grads
-        type(opt)._prepare_fp32_grad_for_sub_group(opt, i)
-        grads_equal.append(master.grad.dtype == streamlined.dtype and torch.equal(master.grad, streamlined))
-        opt.averaged_gradients[i], master.grad = grads, None
     before = [sharding.local_shard(s).values.clone() for s in masks.scores]
-    engine.step()
-    kd_backward(engine, masks, model.config.vocab_size, 1)
-    engine.step()
+    norms, grads_equal = [], []
+    for step in range(2):  # the second step's fp32 gradients go where the first one's went (the CPU's kept buffer)
+        kd_backward(engine, masks, model.config.vocab_size, step)
+        for i, params_i in enumerate(opt.fp16_groups):
+            grads = list(opt.averaged_gradients[i])
+            norms.append((float(opt.get_grad_norm_direct(grads, params_i)),
+                          float(type(opt).get_grad_norm_direct(opt, grads, params_i))))
+            master = opt.fp32_partitioned_groups_flat[i]
+            opt._prepare_fp32_grad_for_sub_group(i)
+            streamlined = master.grad.clone()
+            opt.averaged_gradients[i] = grads
+            type(opt)._prepare_fp32_grad_for_sub_group(opt, i)
+            grads_equal.append(master.grad.dtype == streamlined.dtype and torch.equal(master.grad, streamlined))
+            opt.averaged_gradients[i], master.grad = grads, None
+        engine.step()
     trained = any(not torch.equal(b, sharding.local_shard(s).values) for b, s in zip(before, masks.scores))
     return {"installed": installed, "sub_groups": len(opt.fp16_groups), "norms": norms, "grads_equal": grads_equal,
             "trained": trained, "dtype": str(eng.precision(cfg))}
