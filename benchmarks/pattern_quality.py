@@ -94,8 +94,8 @@ def moved(mask: str, init: str) -> float:
     return sum(int((a[n].bool() & ~b[n].bool()).sum()) for n in pruned) / sum(int((~b[n].bool()).sum()) for n in pruned)
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+def mean_std(values: list[float], digits: int = 4) -> str:
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.{digits}f}"
 
 
 def main() -> None:
@@ -195,7 +195,7 @@ def main() -> None:
             shift = mean_std([moved(masks[key], _saved_mask(masks[init[ROWS[i][1]]], out)) for key in found])
         row = f"| {ROWS[i][1]} | {ROWS[i][0]} | {e[0]['sparsity']:.4f} | {shift} | {mean_std(kd)} ({len(kd)}) |"
         if args.task:
-            row += f" {mean_std(downstream[i])} ({len(downstream[i])}) |" if i in downstream else " not run |"
+            row += f" {mean_std(downstream[i], 2)} ({len(downstream[i])}) |" if i in downstream else " not run |"
         lines.append(row)
     table = "\n".join(lines)
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
