@@ -9,7 +9,9 @@
 #   5. evaluate_mask on the search's mask, the IMP mask and the dense model;
 #   6. where the GPU has fp16: an fp16 search killed after a checkpoint and resumed, whose dynamic
 #      loss scaler must come through the checkpoint (against the same search uninterrupted);
-#   7. the output contract, tokens/s and model FLOPs utilisation, per-GPU peak memory (nvidia-smi)
+#   7. on compute capability >= 8.0: inference of a dense, a compact structured 50% and a 2:4 model,
+#      the last also as torch's 2:4 semi-structured sparse weights (OUT/inference.json);
+#   8. the output contract, tokens/s and model FLOPs utilisation, per-GPU peak memory (nvidia-smi)
 #      and CUDA max allocated, with the memory model's prediction beside it.
 # Figures: OUT/gpu_summary.md (paste into docs/scaling.md with the date and device) and OUT/gpu_summary.json;
 # the exit code is non-zero if a phase went wrong (listed under "problems").  The parsing half
@@ -122,6 +124,15 @@ if "$PY" -c "import sys; from tamt_ds.engine import _fp16_supported; sys.exit(0 
     kill_and_resume fp16_resume
 else
     echo "== fp16: not supported by this GPU, skipped (said in the summary)"
+fi
+
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.get_device_capability()[0] >= 8 else 1)"; then
+    echo "== inference, one GPU, bf16, $BATCH x $SEQ: dense vs compact structured 50% vs 2:4 zeros vs 2:4 semi-structured"
+    CUDA_VISIBLE_DEVICES="${GPUS%%,*}" "$PY" benchmarks/inference.py --model "$MODEL" --device cuda --dtypes bfloat16 \
+        --shapes "${BATCH}x${SEQ}" --structured 0.5 --unstructured --two_four --repeats 20 \
+        --output "$OUT/inference.json" 2>&1 | tee "$OUT/inference.log"
+else
+    echo "== 2:4 semi-structured inference: needs compute capability >= 8.0, skipped"
 fi
 
 echo "== figures"
