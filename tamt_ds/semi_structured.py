@@ -29,7 +29,7 @@ def is_two_four(weight: torch.Tensor) -> bool:
     """At most 2 non-zeros in every group of 4 consecutive entries of each row (a row's length a multiple of 4)."""
     if weight.dim() != 2 or weight.shape[1] % 4:
         return False
-    return bool(((weight != 0).view(weight.shape[0], -1, 4).sum(-1) <= 2).all())
+    return bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())
 
 
 def backend() -> type:
