@@ -178,7 +178,7 @@ def main() -> None:
 
     init = {pattern: key for key in masks for label, pattern, _, _ in [ROWS[key[0]]]
             if label in ("magnitude", "OMP")}  # the mask every search starts from
-    lines = [f"| pattern | mask | sparsity (all masked matrices) | moved from init | held-out KD loss (search seeds) |"
+    lines = ["| pattern | mask | sparsity (all masked matrices) | moved from init | held-out KD loss (search seeds) |"
              + (f" {args.task} {metric or ''} (runs) |" if args.task else ""),
              "| --- | --- | --- | --- | --- |" + (" --- |" if args.task else "")]
     for i in rows:

@@ -104,7 +104,7 @@ def study(tmp_path_factory):
 
 
 def test_resume_redoes_nothing_finished(study):
-    out, log = study["out"], study["resumed"]
+    log = study["resumed"]
     assert "[1/" in study["killed"] and "finetune" in study["killed"]  # progress: which job, how many
     for path, stamp in study["stamps"].items():
         assert path.stat().st_mtime_ns == stamp, f"{path} was rewritten"
