@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
 from tamt_ds import engine as eng, sharding  # noqa: E402
 from tamt_ds.masking import prepare_search  # noqa: E402
 from tamt_ds.models import DEFAULT_MODEL, load_model  # noqa: E402
