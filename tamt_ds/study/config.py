@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TAMT_METHODS = {"tamt-kd": "kd", "tamt-mlm": "mlm", "tamt-mlm_kd": "mlm_kd"}  # method -> search objective
 METHODS = (*TAMT_METHODS, "imp", "omp", "random", "head_importance")
 BUILT_BASELINES = ("omp", "random", "head_importance")  # masks evaluate_mask builds (no search, no training)
+STAGES = ("masks", "evaluate", "finetune")  # a study's stages, in the order they run
 DENSE = "dense"
 
 

@@ -22,7 +22,8 @@ import time
 
 import numpy as np
 
-from tamt_ds.study.config import BUILT_BASELINES, DENSE, MaskCell, StudyConfig, budget_cells, data_cells, mask_cells
+from tamt_ds.study.config import BUILT_BASELINES, DENSE, STAGES, MaskCell, StudyConfig, budget_cells, data_cells, \
+    mask_cells
 from tamt_ds.study.runner import eval_path, finetune_results, mask_path, read_json
 
 AVERAGE = "average"
@@ -225,7 +226,7 @@ def markdown(cfg: StudyConfig, rows: list[dict], corr: list[dict], figures: list
         lines += ["", "MLM loss: not measured (the model has no pre-trained MLM head)."]
     lines += axes_markdown(cfg, all_rows, split)
     if timings:
-        stages = [s for s in ("masks", "evaluate", "finetune") if any(t["stage"] == s for t in timings)]
+        stages = [s for s in STAGES if any(t["stage"] == s for t in timings)]
         wall = {s: sum(t["seconds"] for t in timings if t["stage"] == s and t["job"] == "(stage)") for s in stages}
         cpu = {s: [t["cpu_seconds"] for t in timings if t["stage"] == s and t["job"] != "(stage)" and "cpu_seconds" in t]
                for s in stages}  # none: not measured (SLURM without accounting)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from tamt_ds.study import cost
-from tamt_ds.study.config import BUILT_BASELINES, DENSE, REPO_ROOT, TAMT_METHODS, MaskCell, StudyConfig, StudyError, \
+from tamt_ds.study.config import BUILT_BASELINES, DENSE, REPO_ROOT, STAGES, TAMT_METHODS, MaskCell, StudyConfig, StudyError, \
     budget_cells, data_cells, mask_cells, search_steps, split_method
 
 
@@ -391,7 +391,7 @@ def print_budget(cfg: StudyConfig, jobs: list[Job], counts: dict) -> None:
           f"{cfg.parallel_jobs} job(s) at a time; the budget section of the config):")
     print(f"  {'stage':<10}{'jobs':>6}{'cells':>7}{'CPU min':>9}{'minutes':>9}")
     total = 0.0
-    for stage in ("masks", "evaluate", "finetune"):
+    for stage in STAGES:
         mine = [j for j in jobs if j.stage == stage]
         minutes = stage_minutes(cfg, mine) if mine else 0.0
         total += minutes
@@ -407,7 +407,7 @@ def print_gpu_hours(cfg: StudyConfig, jobs: list[Job]) -> None:
 
     print(f"expected GPU-hours ({describe(cfg.gpu)}):")
     print(f"  {'stage':<10}{'jobs':>6}{'cells':>7}{'GPUs/job':>10}{'GPU-hours':>11}{'longest job, h':>16}")
-    for stage in ("masks", "evaluate", "finetune"):
+    for stage in STAGES:
         mine = [j for j in jobs if j.stage == stage]
         gpus = sorted({j.nproc for j in mine})
         print(f"  {stage:<10}{len(mine):>6}{sum(j.cells for j in mine):>7}{'/'.join(map(str, gpus)) or '-':>10}"
@@ -549,7 +549,7 @@ def run_stages(cfg: StudyConfig, jobs: list[Job]) -> None:
         say(f"      {job.name}: done in {seconds / 60:.1f} min, {cpu / 60:.1f} CPU-min "
             f"({(time.perf_counter() - t_start) / 60:.1f} min so far)")
 
-    for stage in ("masks", "evaluate", "finetune"):
+    for stage in STAGES:
         mine = [j for j in jobs if j.stage == stage]
         if not mine:
             continue

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
 
-from tamt_ds.study.config import REPO_ROOT, SlurmSettings, StudyConfig, StudyError
+from tamt_ds.study.config import REPO_ROOT, STAGES, SlurmSettings, StudyConfig, StudyError
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ class SlurmExecutor:
         its last job's end (stages overlap: a fine-tune starts once its own mask is there)."""
         from tamt_ds.study.runner import Job, record_timing
 
-        for stage in sorted(self.timed, key=("masks", "evaluate", "finetune").index):
+        for stage in sorted(self.timed, key=STAGES.index):
             done = self.timed[stage]
             started, ended = min(t.started for _, t in done), max(t.ended for _, t in done)
             record_timing(self.cfg, Job(stage, "(stage)", "", [], sum(j.cpu_s for j, _ in done),
