@@ -63,10 +63,10 @@ def check_device(device: torch.device) -> None:
 def to_semi_structured(model: nn.Module, cls: type | None = None) -> list[str]:
     """Replace every 2:4 Linear weight that fits the backend by its semi-structured sparse form, in
     place; returns the converted layers' names.  One-line error where the device cannot run them."""
-    weights = [p for p in model.parameters()]
-    if not weights:
+    first = next(model.parameters(), None)
+    if first is None:
         return []
-    check_device(weights[0].device)
+    check_device(first.device)
     cls = cls or backend()
     two_four = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_two_four(m.weight)]
     if not two_four:

@@ -148,8 +148,8 @@ def set_engine_counters(engine, counters: dict) -> None:
 # - The gradient norm (for clipping): DeepSpeed's get_grad_norm_direct copies each gradient
 #   partition to fp64 to take its norm, a fresh full-size fp64 temporary a step (180 MB for
 #   MiniLM's 22.5M scores).  Here: fp64 norms of GRAD_NORM_CHUNK-element slices (vector_norm
-#   with an fp64 accumulator: no copy; _foreach_norm in fp64 was 2x slower on the CPU), their
-#   squares summed: 22.5M bf16 values 0.05 CPU-s, not 0.12; ~1e-16 from DeepSpeed's value.
+#   in fp64: each slice is cast into a small temporary, not the whole partition at once;
+#   _foreach_norm in fp64 was 2x slower on the CPU), their squares summed: 22.5M bf16 values 0.05 CPU-s, not 0.12; ~1e-16 from DeepSpeed's value.
 #   fp64 as DeepSpeed's: an fp32 norm (~1e-6 off) changed the clipped update enough that an
 #   IMP run with the optimizer offloaded (DeepSpeed's own norm) and one without no longer
 #   gave the same masks (tests/test_imp.py).
@@ -184,7 +184,7 @@ def grad_norm(gradients: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of all of `gradients` (over every rank's partitions), fp64 0-d on their device."""
     chunks = [c for g in gradients for c in g.reshape(-1).split(GRAD_NORM_CHUNK)]
     if chunks:
-        norms = [torch.linalg.vector_norm(c, 2, dtype=torch.float64) for c in chunks]  # fp64 inside, not copied
+        norms = [torch.linalg.vector_norm(c, 2, dtype=torch.float64) for c in chunks]  # a slice-sized fp64 cast each
         squares = torch.stack(norms).square().sum()
     else:
         squares = torch.zeros((), dtype=torch.float64, device=sharding.comm_device())
@@ -207,7 +207,7 @@ def _prepare_fp32_grad(self, sub_group_id):
     flat = adjacent_view(grads)
     if flat is None or flat.numel() != master.numel():
         return type(self)._prepare_fp32_grad_for_sub_group(self, sub_group_id)
-    master.grad = flat if flat.dtype == master.dtype else _fp32_grad_buffer(self, sub_group_id, flat).copy_(flat)
+    master.grad = flat if flat.dtype == master.dtype else _fp32_grad_buffer(self, sub_group_id, master).copy_(flat)
     from deepspeed.accelerator import get_accelerator
 
     if not get_accelerator().is_synchronized_device():
@@ -215,17 +215,17 @@ def _prepare_fp32_grad(self, sub_group_id):
     self.averaged_gradients[sub_group_id] = None
 
 
-def _fp32_grad_buffer(self, sub_group_id: int, flat: torch.Tensor) -> torch.Tensor:
+def _fp32_grad_buffer(self, sub_group_id: int, master: torch.Tensor) -> torch.Tensor:
     """Where sub-group `sub_group_id`'s fp32 gradient is written: on the CPU one buffer kept
     from step to step (4 bytes per score of this rank's partition, held between steps too).
     A fresh one is a fresh mapping (far above glibc's mmap threshold) that the cast page-faults
     in every step: MiniLM's 22.5M bf16 -> fp32 took 42 ms so, 4 ms into a kept buffer (1 thread).
     On an accelerator the caching allocator already reuses the block: a fresh one, as DeepSpeed."""
-    if flat.device.type != "cpu":
-        return torch.empty_like(flat, dtype=self.fp32_partitioned_groups_flat[sub_group_id].dtype)
+    if master.device.type != "cpu":
+        return torch.empty_like(master)
     kept = vars(self).setdefault("_tamt_fp32_grads", {})
     if sub_group_id not in kept:
-        kept[sub_group_id] = torch.empty_like(flat, dtype=self.fp32_partitioned_groups_flat[sub_group_id].dtype)
+        kept[sub_group_id] = torch.empty_like(master)
     return kept[sub_group_id]
 
 
