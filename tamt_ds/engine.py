@@ -254,15 +254,11 @@ def build_engine(model, cfg: dict, *, params, lr: float, weight_decay: float, to
     import deepspeed
 
     ds_cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    from tamt_ds import sharding
-    from tamt_ds.zero import streamline_step
+    from tamt_ds import sharding, zero
 
-    zero = ds_cfg.get("zero_optimization", {})
-    if sharding.world_size() == 1 and zero.get("stage") == 3:
-        # One rank: ZeRO-3's reduce-scatter path concatenates and copies every gradient to
-        # "scatter" it to itself; its all-reduce path reduces the gradient bucket in place,
-        # a no-op at one rank.  Same values (docs/benchmarks.md, the step against a plain loop).
-        ds_cfg["zero_optimization"] = {**zero, "reduce_scatter": False}
+    zero_config = ds_cfg.get("zero_optimization", {})
+    if sharding.world_size() == 1 and zero_config.get("stage") == 3:
+        ds_cfg["zero_optimization"] = zero.one_rank_settings(zero_config)  # the same bits, less work
     groups = list(params)
     groups = groups if groups and isinstance(groups[0], dict) else [{"params": groups}]
     groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
@@ -274,5 +270,6 @@ def build_engine(model, cfg: dict, *, params, lr: float, weight_decay: float, to
             scheduler = linear_decay(optimizer, total_steps, warmup_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
                                                    optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    streamline_step(engine)  # its optimizer step without two full-size copies of the gradients
+    zero.streamline_step(engine)  # its optimizer step without two full-size copies of the gradients
+    zero.skip_coordinator(engine)  # one rank: no fetch or release around each module
     return engine, scheduler

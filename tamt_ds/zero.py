@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import types
 
 import torch
@@ -242,6 +243,61 @@ def adjacent_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
             return None
         offset += t.numel()
     return base.view(-1).narrow(0, start - base.storage_offset(), offset - start)
+
+
+# ---------------------------------------------------------------- one rank: the module hooks
+#
+# ZeRO-3 runs its parameter coordinator before and after every module's forward and backward
+# (MiniLM: ~160 modules, three passes a KD step): it fetches the module's parameters, records or
+# replays the prefetch trace, and releases them again, all in Python; ~9% of a MiniLM bf16 step
+# at one rank (docs/benchmarks.md).  At one rank there is nothing to fetch: a gathered parameter
+# is a view of its own partition.  So there `one_rank_settings` keeps every parameter gathered
+# (persistent), and `skip_coordinator` replaces the coordinator's four calls on this engine by
+# what is left of them: the module stack DeepSpeed keeps for external parameters, and a gather
+# of what something else released (checkpoint loading, GatheredParameters, empty_partition_cache).
+# The hooks themselves, and the autograd functions they wrap around each module, still run:
+# backward adds up gradients in the same order, so the step is bit for bit the full path's
+# (tests/test_one_rank_step.py).  Not with parameter offload: persistent parameters would stay
+# on the accelerator, the memory that offload is asked to save.
+
+def one_rank_settings(zero_config: dict) -> dict:
+    """A one-rank ZeRO-3 config: the gradient bucket all-reduced in place (the reduce-scatter
+    path concatenates and copies every gradient to scatter it to itself; an all-reduce at one
+    rank is a no-op), and every parameter persistent unless parameters are offloaded."""
+    out = {**zero_config, "reduce_scatter": False}
+    if (zero_config.get("offload_param") or {}).get("device", "none") in ("none", None):
+        out["stage3_param_persistence_threshold"] = sys.maxsize
+    return out
+
+
+def skip_coordinator(engine) -> bool:
+    """At one rank with every parameter persistent: the module hooks stop calling ZeRO-3's
+    parameter coordinator (above).  False (nothing changed) anywhere else."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+    from deepspeed.utils import z3_leaf_module
+
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is None or sharding.world_size() != 1:
+        return False
+    if not all(getattr(p, "ds_persist", False) for p in engine.module.parameters()):
+        return False
+
+    def gathered(module):
+        released = [p for p in iter_params(module, recurse=z3_leaf_module(module))
+                    if p.ds_status != ZeroParamStatus.AVAILABLE]
+        if released:
+            released[0].all_gather(released)
+
+    def pre_forward(module):
+        parameter_offload.FWD_MODULE_STACK.append(module)  # popped by DeepSpeed's post-forward hook
+        gathered(module)
+
+    offload.pre_sub_module_forward_function = pre_forward
+    offload.pre_sub_module_backward_function = gathered
+    offload.post_sub_module_forward_function = offload.post_sub_module_backward_function = lambda module: None
+    return True
 
 
 @contextlib.contextmanager
