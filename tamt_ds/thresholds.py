@@ -85,7 +85,8 @@ def _pruned_ties(values: torch.Tensor, tau: float, tie_key: int, offset: int,
     cached = rows is None and offset == 0 and values.dim() > 1 and values.numel() <= _CACHED_KEYS_MAX
     if cached:
         return at & (_matrix_tie_keys(values.numel(), values.device).view(values.shape) <= tie_key)
-    if _hash_ties_only(values) and at.is_contiguous():  # hashing every gathered embedding row: most of its time
+    if host_counts_are_free(values.device) and at.is_contiguous():  # hash only the ties (a few in a thousand):
+        # hashing every gathered embedding row was most of its time
         flat = at.view(-1)
         ties = flat.nonzero().view(-1)
         flat[ties] = tie_keys(_flat_index(ties, values, offset, rows)) <= tie_key
@@ -94,10 +95,11 @@ def _pruned_ties(values: torch.Tensor, tau: float, tie_key: int, offset: int,
     return at & (tie_keys(index).view(values.shape) <= tie_key)
 
 
-def _hash_ties_only(values: torch.Tensor) -> bool:
-    """Hash only the ties (a few in a thousand), found with nonzero: on the CPU their number
-    costs nothing, on an accelerator the host would wait for it (a sync per masked op)."""
-    return values.device.type == "cpu"
+def host_counts_are_free(device: torch.device) -> bool:
+    """Whether an op whose output size depends on the values (nonzero, boolean indexing) is
+    cheap here: on the CPU the count costs nothing, on an accelerator the host waits for it.
+    (Tests set it False to run the accelerator's path on the CPU.)"""
+    return device.type == "cpu"
 
 
 def _flat_index(position: torch.Tensor, values: torch.Tensor, offset: int, rows: torch.Tensor | None) -> torch.Tensor:
@@ -149,16 +151,19 @@ def _kth_smallest(groups: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], r
     `device`), over all ranks.
 
     Radix selection on the key + 2^31 (unsigned, 8 bits a pass).  Each pass adds every
-    tensor's keys into one [groups x 256] histogram on the device (keys outside their
-    group's prefix go to a dropped bin instead of being compacted, which would wait for
-    the device to learn their number), then one all-reduce; the prefix stays on the
-    device, so the only host sync is the answer at the end, however many matrices (a
-    bert-base reset has ~150; per matrix and pass it was ~1,000 syncs)."""
+    tensor's keys into one [groups x 256] histogram on the device, then one all-reduce.  On
+    an accelerator the keys outside their group's prefix go to a dropped bin instead of
+    being compacted, which would wait for the device to learn their number; the prefix
+    stays on the device, so the only host sync is the answer at the end, however many
+    matrices (a bert-base reset has ~150; per matrix and pass it was ~1,000 syncs).  On the
+    CPU the keys are compacted to their group's prefix after each pass: the later passes
+    read a few candidates instead of every key (MiniLM's 22.5M scores: ~130 ms a pass)."""
     n = len(groups)
     prefix = torch.zeros(n, dtype=torch.int64, device=device)  # the high bits found, of key + 2^31
     remaining = torch.tensor(list(ks), dtype=torch.int64, device=device)
     outside = n * 256
     one = torch.ones(1, dtype=torch.int64, device=device)
+    compact = host_counts_are_free(device)
     for shift in (24, 16, 8, 0):
         hist = torch.zeros(outside + 1, dtype=torch.int64, device=device)
         # (key + 2^31) >> m == prefix  <=>  key >> m == prefix - 2^(31 - m)  (arithmetic shift)
@@ -167,6 +172,8 @@ def _kth_smallest(groups: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], r
             for keys in items:
                 if shift == 24:
                     bins = (keys >> 24) + (128 + g * 256)
+                elif compact:  # the keys are this group's candidates: all within its prefix
+                    bins = ((keys >> shift) & 255) + g * 256
                 else:
                     bins = torch.where((keys >> (shift + 8)) == high[g], ((keys >> shift) & 255) + g * 256, outside)
                 hist.index_add_(0, bins, one.expand_as(bins))
@@ -176,6 +183,9 @@ def _kth_smallest(groups: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], r
         below = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
         remaining -= below
         prefix = (prefix << 8) | digit
+        if compact and shift > 0:
+            high = prefix - (1 << (31 - shift))
+            groups = [[keys[(keys >> shift) == high[g]] for keys in items] for g, items in enumerate(groups)]
     return [p - (1 << 31) for p in prefix.tolist()]
 
 

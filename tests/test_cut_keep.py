@@ -46,7 +46,7 @@ def test_keep_is_the_definition_in_every_form(dtype, path, monkeypatch):
     if path != "cached":
         monkeypatch.setattr(thresholds, "_CACHED_KEYS_MAX", 0)
     if path == "all_hashed":  # what an accelerator runs (no nonzero: its count would wait for the device)
-        monkeypatch.setattr(thresholds, "_hash_ties_only", lambda values: False)
+        monkeypatch.setattr(thresholds, "host_counts_are_free", lambda device: False)
     m = scores(dtype)
     index = torch.arange(m.numel()).view(SHAPE)
     rows = torch.tensor([[5, 0, 47], [5, 12, 30]])
