@@ -272,4 +272,5 @@ def build_engine(model, cfg: dict, *, params, lr: float, weight_decay: float, to
                                                    optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     zero.streamline_step(engine)  # its optimizer step without two full-size copies of the gradients
     zero.skip_coordinator(engine)  # one rank: no fetch or release around each module
+    zero.no_backward_hooks_without_grad(engine)  # the teacher and evaluation passes
     return engine, scheduler

@@ -36,6 +36,12 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def stays_gathered(param: torch.Tensor) -> bool:
+    """ZeRO-3 keeps `param` gathered between uses (persistent): small parameters, and every one
+    at one rank (zero.one_rank_settings)."""
+    return is_partitioned(param) and bool(getattr(param, "ds_persist", False))
+
+
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

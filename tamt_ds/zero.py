@@ -300,6 +300,28 @@ def skip_coordinator(engine) -> bool:
     return True
 
 
+def no_backward_hooks_without_grad(engine) -> None:
+    """ZeRO-3 wraps every module's outputs and inputs in autograd functions whose backward
+    fetches and releases the module's parameters, also in a pass without autograd (the KD
+    teacher, evaluation), where no backward can follow: ~9 ms of MiniLM's teacher pass
+    (docs/benchmarks.md).  DeepSpeed looks the functions up on the module at each call
+    (`pre_bwd_fn`, `post_bwd_fn`): each is replaced by one that passes its tensors through
+    when grad mode is off.  With grad mode on nothing changes, so neither does any backward."""
+    for module in engine.module.modules():
+        for name in ("pre_bwd_fn", "post_bwd_fn"):
+            function = vars(module).get(name)
+            if function is not None and not isinstance(function, _OnlyWithGrad):
+                setattr(module, name, _OnlyWithGrad(function))
+
+
+class _OnlyWithGrad:
+    def __init__(self, function):
+        self.function = function
+
+    def apply(self, tensor):
+        return self.function.apply(tensor) if torch.is_grad_enabled() else tensor
+
+
 @contextlib.contextmanager
 def same_step(model):
     """Forward passes in this block continue the ZeRO-3 step that the last forward began.
