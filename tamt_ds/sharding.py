@@ -42,6 +42,15 @@ def stays_gathered(param: torch.Tensor) -> bool:
     return is_partitioned(param) and bool(getattr(param, "ds_persist", False))
 
 
+def gather_released(params) -> None:
+    """Gather those of the (ZeRO-3) `params` that are released; the others are left alone."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    released = [p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE]
+    if released:
+        released[0].all_gather(released)
+
+
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -274,21 +274,17 @@ def skip_coordinator(engine) -> bool:
     """At one rank with every parameter persistent: the module hooks stop calling ZeRO-3's
     parameter coordinator (above).  False (nothing changed) anywhere else."""
     from deepspeed.runtime.zero import parameter_offload
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
     from deepspeed.utils import z3_leaf_module
 
     offload = getattr(engine.optimizer, "parameter_offload", None)
     if offload is None or sharding.world_size() != 1:
         return False
-    if not all(getattr(p, "ds_persist", False) for p in engine.module.parameters()):
+    if not all(sharding.stays_gathered(p) for p in engine.module.parameters()):
         return False
 
     def gathered(module):
-        released = [p for p in iter_params(module, recurse=z3_leaf_module(module))
-                    if p.ds_status != ZeroParamStatus.AVAILABLE]
-        if released:
-            released[0].all_gather(released)
+        sharding.gather_released(iter_params(module, recurse=z3_leaf_module(module)))
 
     def pre_forward(module):
         parameter_offload.FWD_MODULE_STACK.append(module)  # popped by DeepSpeed's post-forward hook
