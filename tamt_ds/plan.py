@@ -284,6 +284,8 @@ def estimate(inp: PlanInput, *, shape: Shape | None = None, zero: ZeroSettings |
             lin = lin - L * layer + layer
         add("masked weights", lin * per_lin + emb * per_emb + largest * b, "forward", "device",
             f"{per_lin:g} B per masked linear entry, {per_emb:g} per embedding entry (measured) + one layer's W*m")
+        if n == 1 and not zero.offload_param:  # every weight persistent: the forward keeps W*m (masking.py)
+            add("kept W*m (one rank)", lin * b, "forward", "device", "P_lin * b (the masked linears' W*m)")
     if n > 1:  # one rank: DeepSpeed's "gathered" parameter is its own partition, no copy
         # KD too: teacher, student and backward are one ZeRO-3 step (zero.same_step), whose trace
         # DeepSpeed replays with prefetch and reuse (docs/benchmarks.md, gathered bytes per KD step)

@@ -135,6 +135,11 @@ def test_terms_are_the_documented_formulas():
     parts8 = {x.name: x.gb * plan.GB for x in p8.parts}
     assert parts8["optimizer states"] == pytest.approx(parts["optimizer states"] / 2)
     assert parts8["activations"] == parts["activations"]
+    # one rank: every weight persistent, so the masked linears keep W*m for backward (masking.py)
+    p1 = plan.estimate(plan.PlanInput(**{**inp.__dict__, "world_size": 1}), shape=SHAPE, zero=_zero(),
+                       masked_bytes=(3.0, 1.0, 2.0))
+    assert {x.name: x.gb * plan.GB for x in p1.parts}["kept W*m (one rank)"] == pytest.approx((p_s - emb) * 2)
+    assert "kept W*m (one rank)" not in parts
 
 
 def test_offload_moves_model_states_to_the_host():
