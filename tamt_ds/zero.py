@@ -5,9 +5,10 @@ module knows where the ZeRO-3 optimizer keeps what a search reads and restores: 
 fp32 master copy of each trainable parameter and its optimizer state (exp_avg, ...),
 the base optimizer's lazily created state and parameter groups, the loss scaler, the
 small parameters it keeps gathered ("persistent"), the engine's step counters, and the
-local gradient partition; and two of its step's methods, replaced (`streamline_step`).  Little of this is DeepSpeed's documented API, and a DeepSpeed
-release may move any of it, so pyproject.toml caps deepspeed at the newest version
-tested; the README ("Testing a newer DeepSpeed") names the tests that cover it, and
+local gradient partition; two of its step's methods, replaced (`streamline_step`); and
+what its module hooks call (`skip_coordinator` at one rank, `no_backward_hooks_without_grad`).
+Little of this is DeepSpeed's documented API, and a DeepSpeed release may move any of it,
+so pyproject.toml caps deepspeed at the newest version tested; the README ("Testing a newer DeepSpeed") names the tests that cover it, and
 tests/test_distributed_boundary.py fails if another module uses these names.
 """
 from __future__ import annotations
